@@ -1,0 +1,90 @@
+"""The `simpo-robot` command: `simpo-robot SUBCOMMAND [--field value ...]`.
+
+Each subcommand is a typed config dataclass (parsed with draccus, as LeRobot's scripts are, so
+`--config_path FILE` loads a YAML/JSON file of the same fields) and a function that runs it. Modules
+are imported only when their subcommand runs, so `simpo-robot --help` stays fast.
+"""
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+
+import draccus
+
+from simpo_robot.errors import SimpoRobotError
+from simpo_robot.logging_utils import console, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    config: str
+    run: str
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "toy": Command("simpo_robot.toy", "ToyConfig", "run_toy", "SiMPO weightings on a 2-D multimodal reward (the first thing to run)"),
+    "collect": Command("simpo_robot.collect", "CollectConfig", "run_collect", "record scripted-expert demonstrations as a LeRobot dataset"),
+    "pretrain": Command("simpo_robot.pretrain", "PretrainConfig", "run_pretrain", "behaviour-clone a LeRobot DiffusionPolicy from demonstrations"),
+    "eval": Command("simpo_robot.evaluate", "EvalConfig", "run_eval", "evaluate a policy on a task (eval_info.json, success with 95% CI)"),
+    "export": Command("simpo_robot.deploy.export", "ExportConfig", "run_export", "export a policy as a self-contained bundle (LeRobot layout + ONNX)"),
+    "serve": Command("simpo_robot.deploy.server", "ServeConfig", "run_serve", "serve a bundle over WebSocket + msgpack"),
+    "run-sim": Command("simpo_robot.deploy.run_sim", "RunSimConfig", "run_run_sim", "play a task through a policy server"),
+    "push": Command("simpo_robot.deploy.push", "PushConfig", "run_push", "upload a policy with its model card to the Hugging Face Hub"),
+}
+
+
+def register(name: str, command: Command) -> None:
+    """Add a subcommand (used by modules that extend the CLI)."""
+    COMMANDS[name] = command
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: simpo-robot SUBCOMMAND [--help] [--field value ...]", "", "subcommands:"]
+    lines += [f"  {name.ljust(width)}  {cmd.help}" for name, cmd in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    setup_logging()
+    if not argv or argv[0] in ("-h", "--help"):
+        console.print(_usage(), markup=False, highlight=False)
+        return 0 if argv else 2
+    name, args = argv[0], argv[1:]
+    if name not in COMMANDS:
+        console.print(f"simpo-robot: unknown subcommand {name!r}.\n\n{_usage()}", markup=False, highlight=False)
+        return 2
+    cmd = COMMANDS[name]
+    module = importlib.import_module(cmd.module)
+    config_cls, run = getattr(module, cmd.config), getattr(module, cmd.run)
+    try:
+        cfg = draccus.parse(config_class=config_cls, args=args, prog=f"simpo-robot {name}")
+    except draccus.utils.ParsingError as exc:
+        # draccus wraps the config's own validation error; show that one, it says what to fix.
+        console.print(f"simpo-robot {name}: invalid arguments: {_root_cause(exc)}", markup=False, highlight=False)
+        return 2
+    try:
+        run(cfg)
+    except SimpoRobotError as exc:
+        console.print(f"simpo-robot {name}: error: {exc}", markup=False, highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
