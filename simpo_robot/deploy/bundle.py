@@ -1,0 +1,271 @@
+"""A deploy bundle and the inference engine that runs it (in-process, behind the server, in benchmarks).
+
+A bundle is a LeRobot policy folder (so `DiffusionPolicy.from_pretrained`, `make_pre_post_processors`
+and LeRobot's async-inference policy server load it as is) plus two files:
+
+    deploy.json      BundleManifest: features, chunking, control rate, sampler settings, export check
+    denoiser.onnx    the noise-prediction network (inputs sample (B,H,Da), timestep (B,), global_cond (B,C))
+
+Observations for one request: a map feature name -> float array of shape (n_obs_steps, *feature shape),
+the last n_obs_steps frames, oldest first (what LeRobot's DiffusionPolicy keeps in its queues).
+The engine returns the executed part of the chunk, (n_action_steps, Da), unnormalised.
+
+Shapes: `T` n_obs_steps, `H` horizon, `Da` action dim, `C` global conditioning dim, `K` denoising steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from simpo_robot.deploy.sampler import (
+    OnnxDenoiser,
+    SamplerNoise,
+    SamplerSettings,
+    SamplerTables,
+    TorchDenoiser,
+    make_tables,
+    sample,
+)
+from simpo_robot.errors import SimpoRobotError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "deploy.json"
+ONNX_FILE = "denoiser.onnx"
+FORMAT_VERSION = 1
+ACCEPTED_DTYPES = ("float32", "float64")
+"""Observation dtypes a request may use; float64 is cast to float32 (the policy's dtype)."""
+
+Backend = Literal["torch", "onnx"]
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How closely the ONNX denoiser reproduced torch at export time (same conditioning, same noise)."""
+
+    max_abs_error: float
+    rel_error: float
+    """max |a_onnx - a_torch| / max |a_torch| over the sampled action chunks."""
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """Everything a server or client needs to know about a bundle besides the weights (deploy.json)."""
+
+    policy_type: str
+    """LeRobot policy type ("diffusion")."""
+    policy_name: str
+    """A human name: the source folder's name or the Hub repo id."""
+    source: str
+    """The --policy reference the bundle was exported from."""
+    observation_features: dict[str, list[int]]
+    """Feature name -> shape of one frame (without the n_obs_steps axis)."""
+    action_feature: str
+    action_shape: list[int]
+    n_obs_steps: int
+    horizon: int
+    n_action_steps: int
+    """Actions executed per request: the length of the chunk the server returns."""
+    global_cond_dim: int
+    control_hz: float | None
+    """Control rate the policy was trained at (steps per second), when known."""
+    sampler: SamplerSettings
+    onnx_file: str = ONNX_FILE
+    onnx_opset: int | None = None
+    export_check: ExportCheck | None = None
+    created: str = ""
+    """UTC time of export, ISO 8601."""
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"bundle format_version {self.format_version} is not supported (expected {FORMAT_VERSION})")
+        if not 1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1:
+            raise ValueError(f"n_action_steps={self.n_action_steps} does not fit horizon={self.horizon}")
+        if not self.observation_features:
+            raise ValueError("a bundle needs at least one observation feature")
+
+    @property
+    def action_dim(self) -> int:
+        return int(np.prod(self.action_shape))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> BundleManifest:
+        raw = dict(raw)
+        raw["sampler"] = SamplerSettings(**raw["sampler"])
+        if raw.get("export_check") is not None:
+            raw["export_check"] = ExportCheck(**raw["export_check"])
+        return cls(**raw)
+
+    @classmethod
+    def read(cls, bundle_dir: Path) -> BundleManifest:
+        file = Path(bundle_dir) / MANIFEST_FILE
+        if not file.is_file():
+            raise SimpoRobotError(
+                f"{bundle_dir} has no {MANIFEST_FILE}; is it a bundle? Make one with `simpo-robot export`."
+            )
+        try:
+            return cls.from_dict(json.loads(file.read_text()))
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
+            raise SimpoRobotError(f"{file} is not a valid bundle manifest: {exc}") from exc
+
+    def metadata(self, backend: str) -> dict[str, Any]:
+        """What the server sends on connect (msgpack-able)."""
+        return {
+            "protocol": 1,
+            "policy_name": self.policy_name,
+            "policy_type": self.policy_type,
+            "observation_features": {
+                name: {"shape": list(shape), "dtype": "float32"} for name, shape in self.observation_features.items()
+            },
+            "n_obs_steps": self.n_obs_steps,
+            "action_feature": {"name": self.action_feature, "shape": list(self.action_shape)},
+            "action_chunk": self.n_action_steps,
+            "control_hz": self.control_hz,
+            "backend": backend,
+        }
+
+
+class ObservationError(ValueError):
+    """A request's observation does not match the bundle's features; the message says how."""
+
+
+@dataclass(frozen=True)
+class InferenceTiming:
+    preprocess_ms: float
+    sample_ms: float
+    postprocess_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.preprocess_ms + self.sample_ms + self.postprocess_ms
+
+
+@dataclass(frozen=True)
+class Inference:
+    actions: np.ndarray
+    """(n_action_steps, Da) float32, unnormalised: the chunk to execute, in order."""
+    timing: InferenceTiming
+
+
+@dataclass
+class PolicyEngine:
+    """Observation frames -> action chunk: preprocessor, conditioning, sampler (torch or ONNX), postprocessor.
+
+    Build with `PolicyEngine.load(bundle_dir, backend)`. Not thread-safe: call `infer` from one thread.
+    """
+
+    manifest: BundleManifest
+    policy: Any
+    preprocessor: Any
+    postprocessor: Any
+    backend: Backend
+    denoiser: Any
+    tables: SamplerTables = field(repr=False)
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, backend: Backend = "torch", onnx_threads: int = 1) -> PolicyEngine:
+        from simpo_robot.policy_io import load_policy
+
+        bundle_dir = Path(bundle_dir)
+        manifest = BundleManifest.read(bundle_dir)
+        loaded = load_policy(bundle_dir, device="cpu")
+        if backend == "torch":
+            denoiser: Any = TorchDenoiser(loaded.policy.diffusion.unet)
+        elif backend == "onnx":
+            onnx_path = bundle_dir / manifest.onnx_file
+            if not onnx_path.is_file():
+                raise SimpoRobotError(f"{bundle_dir} has no {manifest.onnx_file}; re-export it with `simpo-robot export`.")
+            denoiser = OnnxDenoiser.load(str(onnx_path), threads=onnx_threads)
+        else:
+            raise SimpoRobotError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+        return cls(
+            manifest=manifest,
+            policy=loaded.policy,
+            preprocessor=loaded.preprocessor,
+            postprocessor=loaded.postprocessor,
+            backend=backend,
+            denoiser=denoiser,
+            tables=make_tables(manifest.sampler),
+        )
+
+    def validate(self, observation: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Check names, shapes, dtypes and finiteness; returns float32 arrays (T, *shape). Raises ObservationError."""
+        if not isinstance(observation, dict):
+            raise ObservationError(f"the observation must be a map of feature name -> array, got {type(observation).__name__}")
+        expected = self.manifest.observation_features
+        missing = sorted(set(expected) - set(observation))
+        unexpected = sorted(set(observation) - set(expected))
+        if missing:
+            raise ObservationError(f"missing observation keys {missing} (expected {sorted(expected)})")
+        if unexpected:
+            raise ObservationError(f"unexpected observation keys {unexpected} (expected {sorted(expected)})")
+        out = {}
+        for name, shape in expected.items():
+            value = observation[name]
+            want = (self.manifest.n_obs_steps, *shape)
+            if not isinstance(value, np.ndarray):
+                raise ObservationError(f"{name}: expected an array of shape {list(want)}, got {type(value).__name__}")
+            if value.dtype.name not in ACCEPTED_DTYPES:
+                raise ObservationError(f"{name}: dtype {value.dtype.name} is not accepted (use float32)")
+            if value.shape != want:
+                raise ObservationError(
+                    f"{name}: shape {list(value.shape)} != {list(want)} (n_obs_steps={self.manifest.n_obs_steps} frames "
+                    f"of {list(shape)}, oldest first)"
+                )
+            if not np.isfinite(value).all():
+                raise ObservationError(f"{name}: contains NaN or inf")
+            out[name] = value.astype(np.float32, copy=False)
+        return out
+
+    def draw_noise(self, rng: np.random.Generator, batch: int = 1) -> SamplerNoise:
+        m = self.manifest
+        return SamplerNoise.draw(rng, batch, m.horizon, m.action_dim, len(self.tables.timesteps))
+
+    def global_conditioning(self, batch: dict[str, Any]) -> np.ndarray:
+        """Normalised batch (B, T, ...) tensors -> (B, C) float32, exactly as LeRobot's DiffusionModel builds it."""
+        import torch
+        from lerobot.utils.constants import OBS_IMAGES
+
+        config = self.policy.config
+        batch = dict(batch)
+        if config.image_features:
+            batch[OBS_IMAGES] = torch.stack([batch[key] for key in config.image_features], dim=-4)
+        with torch.inference_mode():
+            return self.policy.diffusion._prepare_global_conditioning(batch).numpy()
+
+    def infer(
+        self, observation: dict[str, np.ndarray], noise: SamplerNoise | None = None, seed: int | None = None
+    ) -> Inference:
+        """Observation (validated or not) -> Inference. Noise from `noise`, else drawn from `seed` (None: fresh)."""
+        import torch
+
+        obs = self.validate(observation)
+        t0 = time.perf_counter()
+        batch = {name: torch.from_numpy(value).unsqueeze(0) for name, value in obs.items()}  # (1, T, ...)
+        with torch.inference_mode():
+            batch = self.preprocessor(batch)
+        cond = self.global_conditioning(batch)
+        t1 = time.perf_counter()
+        if noise is None:
+            noise = self.draw_noise(np.random.default_rng(seed))
+        chunk = sample(self.denoiser, cond, noise, self.tables, self.manifest.sampler)
+        start = self.manifest.n_obs_steps - 1  # as DiffusionModel.generate_actions
+        chunk = chunk[:, start : start + self.manifest.n_action_steps]
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            actions = self.postprocessor(torch.from_numpy(np.ascontiguousarray(chunk)))
+        actions = actions[0].numpy().astype(np.float32, copy=False)
+        t3 = time.perf_counter()
+        timing = InferenceTiming((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+        return Inference(actions=actions, timing=timing)

@@ -1,0 +1,198 @@
+"""`simpo-robot export --policy P --out BUNDLE`: a self-contained deploy bundle.
+
+The bundle is the policy in LeRobot's layout (config.json, model.safetensors, processor files: LeRobot's
+factory and its async-inference server load it as is), `deploy.json` (features, chunk length, control
+rate, sampler settings) and `denoiser.onnx`, the noise-prediction network that onnxruntime runs inside
+the same sampling loop as torch (see `simpo_robot.deploy.sampler`). Export checks that ONNX and torch
+give the same actions for the same conditioning and noise and refuses a bundle where they do not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simpo_robot.deploy.bundle import MANIFEST_FILE, ONNX_FILE, BundleManifest, ExportCheck
+from simpo_robot.deploy.sampler import OnnxDenoiser, SamplerNoise, SamplerSettings, TorchDenoiser, make_tables, sample
+from simpo_robot.errors import SimpoRobotError
+
+log = logging.getLogger(__name__)
+
+TRAINING_INFO_FILE = "training_info.json"
+ONNX_OPSET = 18
+
+
+@dataclass
+class ExportConfig:
+    policy: str = ""
+    """Policy to export: a local LeRobot policy folder or a Hub repo id."""
+    out: Path = Path("bundle")
+    """Bundle folder to write (must be empty or absent unless --overwrite true)."""
+    control_hz: float | None = None
+    """Control rate in steps per second; default: the policy folder's training_info.json, else the task's."""
+    num_inference_steps: int | None = None
+    """Override the number of denoising steps (default: the policy config's)."""
+    max_rel_error: float = 1e-4
+    """Largest accepted ONNX-vs-torch relative action error in the export check."""
+    overwrite: bool = False
+    """Replace an existing non-empty --out folder."""
+
+    def __post_init__(self) -> None:
+        if not self.policy:
+            raise ValueError("--policy is required (a policy folder or a Hub repo id)")
+        self.out = Path(self.out)
+        if self.control_hz is not None and self.control_hz <= 0:
+            raise ValueError(f"--control_hz must be positive, got {self.control_hz}")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ValueError(f"--num_inference_steps must be >= 1, got {self.num_inference_steps}")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    bundle: Path
+    manifest: BundleManifest
+
+
+def export_onnx(unet: Any, path: Path, horizon: int, action_dim: int, global_cond_dim: int) -> None:
+    """Export the UNet (sample (B,H,Da), timestep (B,) int64, global_cond (B,C)) -> (B,H,Da), batch dynamic."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    args = (
+        torch.zeros(2, horizon, action_dim),
+        torch.zeros(2, dtype=torch.long),
+        torch.zeros(2, global_cond_dim),
+    )
+    unet = unet.eval()
+    with torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(
+            unet,
+            args,
+            input_names=["sample", "timestep", "global_cond"],
+            output_names=["model_output"],
+            dynamic_shapes={"x": {0: batch}, "timestep": {0: batch}, "global_cond": {0: batch}},
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            verbose=False,
+        )
+    program.save(str(path))
+
+
+def check_onnx(unet: Any, onnx_path: Path, settings: SamplerSettings, horizon: int, action_dim: int,
+               global_cond_dim: int, seed: int = 0, batch: int = 4) -> ExportCheck:
+    """Sample the same chunks with the torch and the ONNX denoiser (same conditioning, same noise)."""
+    rng = np.random.default_rng(seed)
+    tables = make_tables(settings)
+    cond = rng.standard_normal((batch, global_cond_dim), dtype=np.float32)
+    noise = SamplerNoise.draw(rng, batch, horizon, action_dim, len(tables.timesteps))
+    ref = sample(TorchDenoiser(unet), cond, noise, tables, settings)
+    got = sample(OnnxDenoiser.load(str(onnx_path)), cond, noise, tables, settings)
+    max_abs = float(np.abs(got - ref).max())
+    return ExportCheck(max_abs_error=max_abs, rel_error=max_abs / max(float(np.abs(ref).max()), 1e-12))
+
+
+def _control_hz(cfg: ExportConfig, folder: Path) -> float | None:
+    if cfg.control_hz is not None:
+        return cfg.control_hz
+    info_file = folder / TRAINING_INFO_FILE
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    if info.get("control_hz"):
+        return float(info["control_hz"])
+    task = info.get("task")
+    if task:
+        try:
+            from simpo_robot.tasks import load_task
+
+            spec = load_task(task)
+            for name in ("control_hz", "fps"):
+                if getattr(spec, name, None):
+                    return float(getattr(spec, name))
+        except Exception as exc:  # the task registry is optional here: the rate is metadata
+            log.warning("could not read the control rate of task %r: %s", task, exc)
+    log.warning("control rate unknown (pass --control_hz); the bundle will say control_hz=null")
+    return None
+
+
+def run_export(cfg: ExportConfig) -> ExportResult:
+    from simpo_robot.policy_io import load_policy, save_policy
+
+    out = cfg.out
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise SimpoRobotError(f"{out} exists and is not empty; pick another --out or pass --overwrite true.")
+        shutil.rmtree(out)
+    loaded = load_policy(cfg.policy, device="cpu")
+    config = loaded.config
+    if config.type != "diffusion":
+        raise SimpoRobotError(f"export supports LeRobot diffusion policies; {cfg.policy!r} is {config.type!r}.")
+    if cfg.num_inference_steps is not None:
+        config.num_inference_steps = cfg.num_inference_steps
+    settings = SamplerSettings.from_policy_config(config)
+    unet = loaded.policy.diffusion.unet
+    # The FiLM layers see [timestep embedding, global cond]; the latter's width is what the network expects.
+    global_cond_dim = unet.down_modules[0][0].cond_encoder[1].in_features - config.diffusion_step_embed_dim
+    action_dim = int(np.prod(config.action_feature.shape))
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_policy(loaded, out)
+    for extra in _sidecar_files(loaded.path):
+        shutil.copy2(loaded.path / extra, out / extra)
+
+    log.info("exporting the denoiser to ONNX (opset %d)", ONNX_OPSET)
+    export_onnx(unet, out / ONNX_FILE, config.horizon, action_dim, global_cond_dim)
+    check = check_onnx(unet, out / ONNX_FILE, settings, config.horizon, action_dim, global_cond_dim)
+    log.info("ONNX vs torch: max abs error %.2e, relative %.2e", check.max_abs_error, check.rel_error)
+    if not check.rel_error < cfg.max_rel_error:
+        raise SimpoRobotError(
+            f"the ONNX denoiser differs from torch by {check.rel_error:.2e} (relative) > {cfg.max_rel_error:.0e}; "
+            f"the bundle in {out} is incomplete."
+        )
+
+    manifest = BundleManifest(
+        policy_type=config.type,
+        policy_name=_policy_name(cfg.policy),
+        source=str(cfg.policy),
+        observation_features={name: list(ft.shape) for name, ft in config.input_features.items()},
+        action_feature="action",
+        action_shape=list(config.action_feature.shape),
+        n_obs_steps=config.n_obs_steps,
+        horizon=config.horizon,
+        n_action_steps=config.n_action_steps,
+        global_cond_dim=global_cond_dim,
+        control_hz=_control_hz(cfg, loaded.path),
+        sampler=settings,
+        onnx_opset=ONNX_OPSET,
+        export_check=check,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    (out / MANIFEST_FILE).write_text(manifest.to_json())
+    log.info("bundle written to %s (%s, %d denoising steps, chunk of %d actions)", out,
+             settings.noise_scheduler_type, settings.num_inference_steps, config.n_action_steps)
+    return ExportResult(bundle=out, manifest=manifest)
+
+
+def _policy_name(ref: str) -> str:
+    path = Path(ref)
+    return path.resolve().name if path.exists() else ref
+
+
+def _sidecar_files(folder: Path) -> list[str]:
+    """training_info.json and the files it names (learning curve), so `push` works on a bundle too."""
+    info_file = folder / TRAINING_INFO_FILE
+    if not info_file.is_file():
+        return []
+    names = [TRAINING_INFO_FILE]
+    try:
+        curve = json.loads(info_file.read_text()).get("learning_curve")
+    except json.JSONDecodeError:
+        return names
+    if isinstance(curve, str) and (folder / curve).is_file():
+        names.append(curve)
+    return names

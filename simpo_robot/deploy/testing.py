@@ -1,0 +1,63 @@
+"""A tiny random LeRobot DiffusionPolicy in LeRobot's folder layout, for tests and benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+OBS_STATE_DIM = 10
+ENV_STATE_DIM = 25
+ACTION_DIM = 4
+
+
+def save_tiny_policy(
+    out_dir: str | Path,
+    seed: int = 0,
+    noise_scheduler_type: str = "DDPM",
+    num_inference_steps: int = 10,
+    down_dims: tuple[int, ...] = (32, 64),
+    horizon: int = 16,
+    n_action_steps: int = 8,
+    n_obs_steps: int = 2,
+) -> Path:
+    """Write a state-only DiffusionPolicy with random weights and min/max stats to `out_dir`.
+
+    Features: observation.state (10,), observation.environment_state (25,), action (4,);
+    state stats span [-1, 1], action stats [-2, 2], so unnormalised actions lie in [-2, 2].
+    """
+    import torch
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
+    from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+
+    torch.manual_seed(seed)
+    config = DiffusionConfig(
+        input_features={
+            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(OBS_STATE_DIM,)),
+            "observation.environment_state": PolicyFeature(type=FeatureType.ENV, shape=(ENV_STATE_DIM,)),
+        },
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
+        n_obs_steps=n_obs_steps,
+        horizon=horizon,
+        n_action_steps=n_action_steps,
+        down_dims=down_dims,
+        diffusion_step_embed_dim=32,
+        noise_scheduler_type=noise_scheduler_type,
+        num_inference_steps=num_inference_steps,
+        pretrained_backbone_weights=None,
+        device="cpu",
+        push_to_hub=False,
+    )
+    policy = DiffusionPolicy(config)
+    stats = {
+        "observation.state": {"min": -torch.ones(OBS_STATE_DIM), "max": torch.ones(OBS_STATE_DIM)},
+        "observation.environment_state": {"min": -torch.ones(ENV_STATE_DIM), "max": torch.ones(ENV_STATE_DIM)},
+        "action": {"min": -2 * torch.ones(ACTION_DIM), "max": 2 * torch.ones(ACTION_DIM)},
+    }
+    preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=stats)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(out)
+    preprocessor.save_pretrained(out)
+    postprocessor.save_pretrained(out)
+    return out
