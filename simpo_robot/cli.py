@@ -50,8 +50,9 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None:
+def _config_error(exc: BaseException) -> BaseException:
+    """The first error in the chain that is not draccus's own wrapper (the config's validation message)."""
+    while exc.__cause__ is not None and type(exc).__module__.startswith("draccus"):
         exc = exc.__cause__
     return exc
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = draccus.parse(config_class=config_cls, args=args, prog=f"simpo-robot {name}")
     except draccus.utils.ParsingError as exc:
         # draccus wraps the config's own validation error; show that one, it says what to fix.
-        console.print(f"simpo-robot {name}: invalid arguments: {_root_cause(exc)}", markup=False, highlight=False)
+        console.print(f"simpo-robot {name}: invalid arguments: {_config_error(exc)}", markup=False, highlight=False)
         return 2
     try:
         run(cfg)
