@@ -225,7 +225,7 @@ class PolicyEngine:
                 )
             if not np.isfinite(value).all():
                 raise ObservationError(f"{name}: contains NaN or inf")
-            out[name] = value.astype(np.float32, copy=False)
+            out[name] = np.array(value, dtype=np.float32)  # a writable copy (wire arrays are read-only views)
         return out
 
     def draw_noise(self, rng: np.random.Generator, batch: int = 1) -> SamplerNoise:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,7 +72,10 @@ def export_onnx(unet: Any, path: Path, horizon: int, action_dim: int, global_con
         torch.zeros(2, global_cond_dim),
     )
     unet = unet.eval()
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # The exporter's own deprecation chatter (pytree LeafSpec, dynamic axis renaming) is not actionable.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*axis name.*")
         program = torch.onnx.export(
             unet,
             args,
@@ -146,6 +150,8 @@ def run_export(cfg: ExportConfig) -> ExportResult:
         shutil.copy2(loaded.path / extra, out / extra)
 
     log.info("exporting the denoiser to ONNX (opset %d)", ONNX_OPSET)
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # per-pass INFO lines
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     export_onnx(unet, out / ONNX_FILE, config.horizon, action_dim, global_cond_dim)
     check = check_onnx(unet, out / ONNX_FILE, settings, config.horizon, action_dim, global_cond_dim)
     log.info("ONNX vs torch: max abs error %.2e, relative %.2e", check.max_abs_error, check.rel_error)
