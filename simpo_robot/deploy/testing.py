@@ -18,10 +18,12 @@ def save_tiny_policy(
     horizon: int = 16,
     n_action_steps: int = 8,
     n_obs_steps: int = 2,
+    env_state_dim: int = ENV_STATE_DIM,
 ) -> Path:
     """Write a state-only DiffusionPolicy with random weights and min/max stats to `out_dir`.
 
-    Features: observation.state (10,), observation.environment_state (25,), action (4,);
+    Features: observation.state (10,), observation.environment_state (env_state_dim,), action (4,)
+    (env_state_dim=18 fits the fetch_push task);
     state stats span [-1, 1], action stats [-2, 2], so unnormalised actions lie in [-2, 2].
     """
     import torch
@@ -34,7 +36,7 @@ def save_tiny_policy(
     config = DiffusionConfig(
         input_features={
             "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(OBS_STATE_DIM,)),
-            "observation.environment_state": PolicyFeature(type=FeatureType.ENV, shape=(ENV_STATE_DIM,)),
+            "observation.environment_state": PolicyFeature(type=FeatureType.ENV, shape=(env_state_dim,)),
         },
         output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
         n_obs_steps=n_obs_steps,
@@ -51,7 +53,7 @@ def save_tiny_policy(
     policy = DiffusionPolicy(config)
     stats = {
         "observation.state": {"min": -torch.ones(OBS_STATE_DIM), "max": torch.ones(OBS_STATE_DIM)},
-        "observation.environment_state": {"min": -torch.ones(ENV_STATE_DIM), "max": torch.ones(ENV_STATE_DIM)},
+        "observation.environment_state": {"min": -torch.ones(env_state_dim), "max": torch.ones(env_state_dim)},
         "action": {"min": -2 * torch.ones(ACTION_DIM), "max": 2 * torch.ones(ACTION_DIM)},
     }
     preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=stats)
