@@ -1,0 +1,212 @@
+"""`simpo-robot eval`: roll a policy out on a task in vectorised envs; success with a 95% CI.
+
+Writes `OUT/eval_info.json` with LeRobot's keys (`lerobot-eval` writes the same):
+
+    per_episode: [{episode_ix, sum_reward, max_reward, success, seed}, ...]
+    aggregated:  {avg_sum_reward, avg_max_reward, pc_success, eval_s, eval_ep_s}
+
+plus `pc_success_ci95` (Wilson interval, percent), `n_episodes`, `task`, `policy` and `video_paths`.
+Episode i is reset with seed `seed + i`; diffusion sampling noise is seeded per batch from the same seed,
+so the same command gives the same result. An episode succeeds when `info[success_key]` is true at its
+last step (termination or truncation), as in `lerobot-eval`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from simpo_robot.errors import SimpoRobotError
+from simpo_robot.logging_utils import console
+from simpo_robot.tasks import TaskSpec, check_policy_fits_task, load_task, make_vec_env
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    policy: str = "pretrained/fetch_push"
+    """Local policy folder or Hugging Face Hub repo id (cached snapshots load offline)."""
+    task: str = "fetch_push"
+    """Task name (a file in tasks/) or path to a task YAML."""
+    episodes: int = 50
+    """Number of evaluation episodes."""
+    seed: int = 1000
+    """Episode i is seeded seed + i."""
+    batch_size: int = 25
+    """Episodes run in parallel (one synchronous vector env)."""
+    out: Path | None = None
+    """Output folder for eval_info.json and videos (default: outputs/eval/<task>)."""
+    videos: int = 0
+    """Record mp4s of the first this many episodes (MUJOCO_GL=egl renders on CPU)."""
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.episodes <= 0:
+            raise ValueError(f"episodes must be positive, got {self.episodes}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not 0 <= self.videos <= self.episodes:
+            raise ValueError(f"videos must be in [0, episodes={self.episodes}], got {self.videos}")
+
+
+@dataclass
+class EpisodeResult:
+    episode_ix: int
+    sum_reward: float
+    max_reward: float
+    success: bool
+    seed: int
+
+
+@dataclass
+class EvalResult:
+    per_episode: list[EpisodeResult]
+    success_rate: float
+    """Fraction of successful episodes."""
+    ci95: tuple[float, float]
+    """Wilson 95% interval of the success rate (fractions)."""
+    avg_sum_reward: float
+    avg_max_reward: float
+    eval_s: float
+    video_paths: list[str] = field(default_factory=list)
+
+    def to_eval_info(self, **extra: Any) -> dict[str, Any]:
+        """The `eval_info.json` dict (LeRobot's keys, success in percent)."""
+        n = len(self.per_episode)
+        return {
+            "per_episode": [asdict(e) for e in self.per_episode],
+            "aggregated": {
+                "avg_sum_reward": self.avg_sum_reward,
+                "avg_max_reward": self.avg_max_reward,
+                "pc_success": 100.0 * self.success_rate,
+                "eval_s": self.eval_s,
+                "eval_ep_s": self.eval_s / n,
+                "pc_success_ci95": [100.0 * self.ci95[0], 100.0 * self.ci95[1]],
+                "n_episodes": n,
+            },
+            "video_paths": self.video_paths,
+            **extra,
+        }
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion: centre (p + z^2/2n) / (1 + z^2/n),
+    half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def evaluate_policy(
+    loaded: Any,
+    spec: TaskSpec,
+    episodes: int,
+    seed: int,
+    batch_size: int = 25,
+    videos: int = 0,
+    video_dir: Path | None = None,
+) -> EvalResult:
+    """Roll `loaded` (a `LoadedPolicy`) out for `episodes` episodes of `spec`, seeds `seed + i`."""
+    from rich.progress import Progress
+
+    check_policy_fits_task(loaded.config, spec)
+    policy, pre, post = loaded.policy, loaded.preprocessor, loaded.postprocessor
+    policy.eval()
+    results: list[EpisodeResult] = []
+    video_paths: list[str] = []
+    start = time.time()
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task(f"eval {spec.name}", total=episodes)
+        for first in range(0, episodes, batch_size):
+            n = min(batch_size, episodes - first)
+            n_video = max(0, min(videos - first, n))
+            env = make_vec_env(spec, n, render_mode="rgb_array" if n_video else None)
+            seeds = [seed + first + i for i in range(n)]
+            torch.manual_seed(seed + first)  # diffusion sampling noise
+            obs, _ = env.reset(seed=seeds)
+            policy.reset()
+            frames: list[list[np.ndarray]] = [[env.envs[i].render()] for i in range(n_video)]
+            rewards = np.zeros((spec.max_episode_steps, n))
+            done = np.zeros(n, bool)
+            success = np.zeros(n, bool)
+            for t in range(spec.max_episode_steps):
+                batch = {k: torch.from_numpy(v) for k, v in obs.items()}
+                with torch.inference_mode():
+                    action = post(policy.select_action(pre(batch)))
+                obs, reward, term, trunc, info = env.step(action.numpy())
+                rewards[t] = np.where(done, 0.0, reward)
+                ended = (term | trunc) & ~done
+                step_success = np.asarray(info.get(spec.success_key, np.zeros(n)), bool)
+                success[ended] = step_success[ended]
+                for i in range(n_video):
+                    if not done[i]:
+                        frames[i].append(env.envs[i].render())
+                done |= ended
+                if done.all():
+                    break
+            steps = t + 1
+            for i in range(n):
+                r = rewards[:steps, i]
+                results.append(EpisodeResult(first + i, float(r.sum()), float(r.max()), bool(success[i]), seeds[i]))
+            for i in range(n_video):
+                video_paths.append(str(_write_video(video_dir, first + i, frames[i], spec.fps)))
+            env.close()
+            progress.update(bar, advance=n)
+    k = sum(e.success for e in results)
+    return EvalResult(
+        per_episode=results,
+        success_rate=k / episodes,
+        ci95=wilson_interval(k, episodes),
+        avg_sum_reward=float(np.mean([e.sum_reward for e in results])),
+        avg_max_reward=float(np.mean([e.max_reward for e in results])),
+        eval_s=time.time() - start,
+        video_paths=video_paths,
+    )
+
+
+def _write_video(video_dir: Path | None, episode: int, frames: list[np.ndarray], fps: int) -> Path:
+    from lerobot.utils.io_utils import write_video
+
+    if video_dir is None:
+        raise ValueError("video_dir is required to record videos")
+    video_dir.mkdir(parents=True, exist_ok=True)
+    path = video_dir / f"eval_episode_{episode}.mp4"
+    write_video(path, frames, fps)
+    return path
+
+
+def run_eval(cfg: EvalConfig) -> EvalResult:
+    from simpo_robot.policy_io import load_policy
+
+    spec = load_task(cfg.task)
+    loaded = load_policy(cfg.policy, device=cfg.device)
+    out = Path(cfg.out) if cfg.out is not None else Path("outputs/eval") / spec.name
+    try:
+        result = evaluate_policy(loaded, spec, cfg.episodes, cfg.seed, cfg.batch_size, cfg.videos, out / "videos")
+    except RuntimeError as exc:
+        if "EGL" in str(exc) or "GL" in str(exc):
+            raise SimpoRobotError(f"rendering failed ({exc}); set MUJOCO_GL=egl (or osmesa) for --videos.") from exc
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    info = result.to_eval_info(task=spec.name, policy=str(cfg.policy), seed=cfg.seed)
+    (out / "eval_info.json").write_text(json.dumps(info, indent=2))
+    lo, hi = result.ci95
+    k = sum(e.success for e in result.per_episode)
+    message = (f"{spec.name}: success {100 * result.success_rate:.1f}% ({k}/{cfg.episodes}), "
+               f"95% CI [{100 * lo:.1f}, {100 * hi:.1f}]%, seeds {cfg.seed}..{cfg.seed + cfg.episodes - 1}, "
+               f"{result.eval_s:.1f}s; wrote {out / 'eval_info.json'}")
+    log.info(message)
+    return result

@@ -1,0 +1,236 @@
+"""`simpo-robot pretrain`: behaviour-clone a LeRobot `DiffusionPolicy` from a local LeRobot dataset.
+
+State-only diffusion policy (no camera): a small 1-D conditional UNet over action chunks. Feature shapes
+come from the task's env spaces and must match the dataset's. Training uses Accelerate; the output folder
+has LeRobot's layout (config.json, model.safetensors, policy_{pre,post}processor.json + stats), which stock
+`DiffusionPolicy.from_pretrained` and `make_pre_post_processors(pretrained_path=...)` load.
+
+The windows (n_obs_steps observations, horizon actions, padding flags) are read once through
+`LeRobotDataset` with LeRobot's delta timestamps and kept in memory: the datasets are small and CPU time
+is better spent on the network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from simpo_robot.errors import SimpoRobotError
+from simpo_robot.logging_utils import console
+from simpo_robot.tasks import TaskSpec, load_task, policy_features
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    task: str = "fetch_push"
+    """Task name (a file in tasks/) or path to a task YAML; gives the policy's features."""
+    dataset: Path = Path("outputs/datasets/fetch_push")
+    """Local LeRobot dataset folder (from `simpo-robot collect`)."""
+    out: Path = Path("outputs/pretrained/fetch_push")
+    """Folder to write the policy to (LeRobot layout)."""
+    max_episodes: int | None = None
+    """Train on the first this many episodes of the dataset only (None: all)."""
+    steps: int = 3000
+    """Optimizer steps."""
+    batch_size: int = 64
+    lr: float = 1e-3
+    """AdamW learning rate (cosine decay to 0, no warm-up)."""
+    weight_decay: float = 1e-6
+    seed: int = 0
+    n_obs_steps: int = 2
+    """Observations the policy conditions on (current and previous)."""
+    horizon: int = 16
+    """Actions predicted per chunk (a multiple of 2^(len(down_dims)-1))."""
+    n_action_steps: int = 8
+    """Actions executed per chunk before re-planning."""
+    down_dims: tuple[int, ...] = (32, 64, 128)
+    """UNet channel widths per resolution."""
+    kernel_size: int = 5
+    n_groups: int = 8
+    diffusion_step_embed_dim: int = 64
+    num_train_timesteps: int = 100
+    num_inference_steps: int = 10
+    """Denoising steps at inference (DDIM)."""
+    log_every: int = 250
+    overwrite: bool = False
+    """Replace `out` if it already holds a policy."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "n_obs_steps", "horizon", "n_action_steps", "num_inference_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        factor = 2 ** (len(self.down_dims) - 1)
+        if self.horizon % factor:
+            raise ValueError(f"horizon {self.horizon} must be a multiple of {factor} for down_dims {self.down_dims}")
+        if self.n_action_steps > self.horizon - self.n_obs_steps + 1:
+            raise ValueError(
+                f"n_action_steps {self.n_action_steps} must be <= horizon - n_obs_steps + 1 "
+                f"= {self.horizon - self.n_obs_steps + 1}")
+        if self.max_episodes is not None and self.max_episodes <= 0:
+            raise ValueError(f"max_episodes must be positive, got {self.max_episodes}")
+
+
+class PretrainResult(NamedTuple):
+    path: Path
+    final_loss: float
+    """Mean training loss over the last `log_every` steps."""
+    seconds: float
+    num_params: int
+    episodes: int
+    frames: int
+
+
+def make_diffusion_config(spec: TaskSpec, cfg: PretrainConfig, device: str = "cpu") -> Any:
+    """A `DiffusionConfig` for `spec` (features from its env spaces) with the sizes in `cfg`."""
+    from lerobot.configs.types import NormalizationMode
+    from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
+
+    feats = policy_features(spec)
+    return DiffusionConfig(
+        input_features=dict(feats.inputs),
+        output_features=dict(feats.outputs),
+        # observations: mean/std (robust to near-constant dims); actions: min/max to [-1, 1] for clip_sample
+        normalization_mapping={
+            "STATE": NormalizationMode.MEAN_STD,
+            "ENV": NormalizationMode.MEAN_STD,
+            "ACTION": NormalizationMode.MIN_MAX,
+        },
+        n_obs_steps=cfg.n_obs_steps,
+        horizon=cfg.horizon,
+        n_action_steps=cfg.n_action_steps,
+        drop_n_last_frames=cfg.horizon - cfg.n_action_steps - cfg.n_obs_steps + 1,
+        down_dims=tuple(cfg.down_dims),
+        kernel_size=cfg.kernel_size,
+        n_groups=cfg.n_groups,
+        diffusion_step_embed_dim=cfg.diffusion_step_embed_dim,
+        noise_scheduler_type="DDIM",
+        num_train_timesteps=cfg.num_train_timesteps,
+        num_inference_steps=cfg.num_inference_steps,
+        pretrained_backbone_weights=None,
+        optimizer_lr=cfg.lr,
+        optimizer_weight_decay=cfg.weight_decay,
+        device=device,
+        push_to_hub=False,
+    )
+
+
+def _load_windows(dataset_dir: Path, spec: TaskSpec, policy_cfg: Any, max_episodes: int | None):
+    """All training windows of the dataset as in-memory tensors, plus its stats and size."""
+    from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+    from lerobot.datasets.factory import resolve_delta_timestamps
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    if not (dataset_dir / "meta" / "info.json").is_file():
+        raise SimpoRobotError(f"{dataset_dir} is not a LeRobot dataset (no meta/info.json); run `simpo-robot collect`.")
+    repo_id = f"local/{spec.name}"
+    meta = LeRobotDatasetMetadata(repo_id, root=dataset_dir)
+    wanted = {**policy_cfg.input_features, **policy_cfg.output_features}
+    for name, feature in wanted.items():
+        if name not in meta.features:
+            raise SimpoRobotError(f"dataset {dataset_dir} has no feature {name} that task {spec.name} needs.")
+        if tuple(meta.features[name]["shape"]) != tuple(feature.shape):
+            raise SimpoRobotError(
+                f"dataset {dataset_dir}: {name} has shape {tuple(meta.features[name]['shape'])}, "
+                f"task {spec.name} gives {tuple(feature.shape)}; was it recorded for another task?")
+    episodes = None if max_episodes is None else list(range(min(max_episodes, meta.total_episodes)))
+    dataset = LeRobotDataset(repo_id, root=dataset_dir, episodes=episodes,
+                             delta_timestamps=resolve_delta_timestamps(policy_cfg, meta))
+    keys = [*wanted, "action_is_pad"]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False, num_workers=0)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    for batch in loader:
+        for k in keys:
+            parts[k].append(batch[k])
+    windows = {k: torch.cat(v) for k, v in parts.items()}
+    # stats over the episodes actually used (LeRobot's meta.stats cover the whole dataset)
+    stats = _stats(windows, policy_cfg)
+    return windows, stats, dataset.num_episodes, dataset.num_frames
+
+
+def _stats(windows: dict[str, torch.Tensor], policy_cfg: Any) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for name in {**policy_cfg.input_features, **policy_cfg.output_features}:
+        x = windows[name]
+        if name == "action":
+            x = x[~windows["action_is_pad"]]  # (N*H, Da) real actions only
+        x = x.reshape(-1, x.shape[-1])
+        out[name] = {"mean": x.mean(0), "std": x.std(0), "min": x.min(0).values, "max": x.max(0).values,
+                     "count": torch.tensor([x.shape[0]])}
+    return out
+
+
+def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from simpo_robot.policy_io import save_policy
+
+    spec = load_task(cfg.task)
+    out = Path(cfg.out)
+    if (out / "config.json").exists() and not cfg.overwrite:
+        raise SimpoRobotError(f"{out} already holds a policy; pass --overwrite true or another --out.")
+    accelerator = Accelerator()
+    set_seed(cfg.seed, device_specific=True)
+    policy_cfg = make_diffusion_config(spec, cfg, device=accelerator.device.type)
+    windows, stats, n_episodes, n_frames = _load_windows(Path(cfg.dataset), spec, policy_cfg, cfg.max_episodes)
+    preprocessor, postprocessor = make_pre_post_processors(policy_cfg, dataset_stats=stats)
+
+    policy = DiffusionPolicy(policy_cfg)
+    policy.train()
+    num_params = sum(p.numel() for p in policy.parameters())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.95, 0.999),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = torch.utils.data.RandomSampler(range(len(windows["action"])), replacement=True,
+                                             num_samples=cfg.steps * cfg.batch_size, generator=generator)
+    index_loader = torch.utils.data.DataLoader(list(range(len(windows["action"]))), batch_size=cfg.batch_size,
+                                               sampler=sampler, drop_last=True)
+    policy, optimizer, scheduler, index_loader = accelerator.prepare(policy, optimizer, scheduler, index_loader)
+    log.info("pretraining a %.2fM-parameter diffusion policy on %d episodes (%d frames) of %s for %d steps",
+             num_params / 1e6, n_episodes, n_frames, spec.name, cfg.steps)
+
+    start, losses, recent = time.time(), [], float("nan")
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task(f"pretrain {spec.name}", total=cfg.steps, loss=float("nan"))
+        for step, idx in enumerate(index_loader, start=1):
+            batch = preprocessor({k: v[idx.cpu()] for k, v in windows.items()})
+            loss, _ = policy(batch)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(policy.parameters(), 10.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
+                log.info("step %d/%d  losses/diffusion %.4f  lr %.2e", step, cfg.steps, recent,
+                         scheduler.get_last_lr()[0])
+            progress.update(bar, advance=1, loss=losses[-1])
+    seconds = time.time() - start
+
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(policy)
+        unwrapped.eval()
+        unwrapped.config.device = "cpu"  # a shareable artifact loads anywhere; load_policy picks the device
+        save_policy(unwrapped.to("cpu"), out, preprocessor, postprocessor)
+        (out / "train_info.json").write_text(json.dumps({
+            "task": spec.name, "dataset": str(cfg.dataset), "episodes": n_episodes, "frames": n_frames,
+            "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+            "final_loss": recent, "train_seconds": round(seconds, 1), "num_params": num_params,
+        }, indent=2))
+        log.info("wrote %s (%.1f s of training, final loss %.4f)", out, seconds, recent)
+    return PretrainResult(out, recent, seconds, num_params, n_episodes, n_frames)
