@@ -118,3 +118,11 @@ def test_engine_rejects_bad_observations(bundle):
 def test_export_refuses_to_overwrite(bundle):
     with pytest.raises(SimpoRobotError, match="not empty"):
         run_export(ExportConfig(policy=str(bundle), out=bundle))
+
+
+def test_cli_export_and_clear_errors(bundle, tmp_path):
+    from simpo_robot.cli import main
+
+    assert main(["export", "--policy", str(bundle), "--out", str(tmp_path / "again")]) == 0
+    assert BundleManifest.read(tmp_path / "again").control_hz == 25.0  # kept from the source bundle
+    assert main(["export", "--policy", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1

@@ -37,7 +37,7 @@ class ExportConfig:
     out: Path = Path("bundle")
     """Bundle folder to write (must be empty or absent unless --overwrite true)."""
     control_hz: float | None = None
-    """Control rate in steps per second; default: the policy folder's training_info.json, else the task's."""
+    """Control rate in steps per second; default: the source bundle's, its training_info.json's, or its task's."""
     num_inference_steps: int | None = None
     """Override the number of denoising steps (default: the policy config's)."""
     max_rel_error: float = 1e-4
@@ -105,6 +105,10 @@ def check_onnx(unet: Any, onnx_path: Path, settings: SamplerSettings, horizon: i
 def _control_hz(cfg: ExportConfig, folder: Path) -> float | None:
     if cfg.control_hz is not None:
         return cfg.control_hz
+    if (folder / MANIFEST_FILE).is_file():  # re-exporting a bundle keeps its rate
+        previous = BundleManifest.read(folder).control_hz
+        if previous:
+            return previous
     info_file = folder / TRAINING_INFO_FILE
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     if info.get("control_hz"):
