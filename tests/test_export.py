@@ -113,6 +113,7 @@ def test_engine_rejects_bad_observations(bundle):
     for name, obs in cases.items():
         with pytest.raises(ObservationError):
             engine.validate(obs)
+            pytest.fail(f"{name} was accepted")
 
 
 def test_export_refuses_to_overwrite(bundle):

@@ -9,7 +9,7 @@ import torch
 from simpo_robot.deploy.bundle import PolicyEngine
 from simpo_robot.deploy.client import PolicyClient
 from simpo_robot.deploy.export import ExportConfig, run_export
-from simpo_robot.deploy.run_sim import RunSimConfig, play_episode, request_seed, run_run_sim, wilson_interval
+from simpo_robot.deploy.run_sim import RunSimConfig, play_episode, request_seed, run_run_sim
 from simpo_robot.deploy.server import BackgroundServer, ServeConfig
 from simpo_robot.deploy.testing import save_tiny_policy
 from simpo_robot.errors import SimpoRobotError
@@ -62,7 +62,9 @@ def test_run_sim_writes_eval_info(served, tmp_path):
     assert on_disk == json.loads(json.dumps(info))
     assert [e["seed"] for e in on_disk["per_episode"]] == [100, 101]
     assert set(on_disk["per_episode"][0]) == {"episode_ix", "sum_reward", "max_reward", "success", "seed"}
-    assert {"avg_sum_reward", "avg_max_reward", "pc_success", "eval_s", "eval_ep_s"} <= set(on_disk["aggregated"])
+    assert {"avg_sum_reward", "avg_max_reward", "pc_success", "pc_success_ci95", "eval_s", "eval_ep_s"} <= set(
+        on_disk["aggregated"])
+    assert on_disk["task"] == TASK and on_disk["backend"] == "onnx"
     latency = on_disk["latency_ms"]
     assert latency["requests"] == 14 and 0 < latency["p50"] <= latency["p99"] <= latency["max"]
 
@@ -80,6 +82,3 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
 
 def test_helpers():
     assert request_seed(3, 1) == request_seed(3, 1) != request_seed(3, 2)
-    low, high = wilson_interval(5, 10)
-    assert low == pytest.approx(23.66, abs=0.01) and high == pytest.approx(76.34, abs=0.01)
-    assert wilson_interval(0, 10)[0] == 0.0

@@ -17,7 +17,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from simpo_robot.deploy.bundle import PolicyEngine
-from simpo_robot.deploy.client import CONNECT_KWARGS, ObservationHistory, PolicyClient, ServerError, pack, unpack
+from simpo_robot.deploy.client import (
+    CONNECT_KWARGS,
+    ObservationHistory,
+    PolicyClient,
+    ServerError,
+    pack,
+    unpack,
+)
 from simpo_robot.deploy.export import ExportConfig, run_export
 from simpo_robot.deploy.server import BackgroundServer, ServeConfig
 from simpo_robot.deploy.testing import save_tiny_policy

@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from simpo_robot.deploy.bundle import MANIFEST_FILE, ONNX_FILE, BundleManifest, ExportCheck
-from simpo_robot.deploy.sampler import OnnxDenoiser, SamplerNoise, SamplerSettings, TorchDenoiser, make_tables, sample
+from simpo_robot.deploy.sampler import (
+    OnnxDenoiser,
+    SamplerNoise,
+    SamplerSettings,
+    TorchDenoiser,
+    make_tables,
+    sample,
+)
 from simpo_robot.errors import SimpoRobotError
 
 log = logging.getLogger(__name__)

@@ -2,9 +2,10 @@
 
 Plays E episodes of the task, asking the policy server for a chunk whenever the previous one is used
 up and executing every action of it (as LeRobot's DiffusionPolicy.select_action does in-process), and
-writes DIR/eval_info.json with the keys `simpo-robot eval` writes (per_episode: episode_ix, sum_reward,
-max_reward, success, seed; aggregated: avg_sum_reward, avg_max_reward, pc_success, eval_s, eval_ep_s)
-plus the success rate's 95% Wilson interval and the request latency percentiles (latency_ms).
+writes DIR/eval_info.json through `simpo_robot.evaluate` (the keys `simpo-robot eval` writes: per_episode
+episode_ix, sum_reward, max_reward, success, seed; aggregated avg_sum_reward, avg_max_reward,
+pc_success, pc_success_ci95, n_episodes, eval_s, eval_ep_s) plus the request latency percentiles
+(latency_ms) and the server it used.
 
 Episode i resets the env with seed `seed + i` (LeRobot's convention); the chunk requested at
 decision k of that episode is sampled with seed SeedSequence([seed + i, k]), so a run is reproducible
@@ -45,8 +46,8 @@ class RunSimConfig:
     """Episodes to play."""
     out: Path = Path("outputs/run_sim")
     """Folder for eval_info.json."""
-    seed: int = 0
-    """Episode i resets with seed + i."""
+    seed: int = 1000
+    """Episode i resets with seed + i (the same default as `simpo-robot eval`)."""
     timeout_s: float = 30.0
     """Longest wait for one reply before giving up."""
 
@@ -97,16 +98,6 @@ def request_seed(episode_seed: int, decision: int) -> int:
     return int(np.random.SeedSequence([episode_seed, decision]).generate_state(1)[0])
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate, in percent."""
-    if n == 0:
-        return (0.0, 100.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (100 * max(0.0, centre - half), 100 * min(1.0, centre + half))
-
-
 def play_episode(env: Any, spec: Any, source: ChunkSource, n_obs_steps: int, keys: list[str],
                  episode_ix: int, seed: int) -> EpisodeResult:
     """One episode: request a chunk, execute all of it, repeat until the env ends the episode."""
@@ -148,33 +139,11 @@ def check_server_fits_task(meta: ServerMetadata, env: Any, task: str) -> list[st
     return list(meta.observation_features)
 
 
-def eval_info(results: list[EpisodeResult], eval_s: float, latency: LatencyStats | None, extra: dict[str, Any]) -> dict:
-    """eval_info.json content: LeRobot's per_episode/aggregated keys plus CI and latency."""
-    n = len(results)
-    successes = sum(r.success for r in results)
-    low, high = wilson_interval(successes, n)
-    return {
-        "per_episode": [
-            {"episode_ix": r.episode_ix, "sum_reward": r.sum_reward, "max_reward": r.max_reward,
-             "success": r.success, "seed": r.seed} for r in results
-        ],
-        "aggregated": {
-            "avg_sum_reward": float(np.mean([r.sum_reward for r in results])),
-            "avg_max_reward": float(np.mean([r.max_reward for r in results])),
-            "pc_success": 100.0 * successes / n,
-            "pc_success_ci95": [low, high],
-            "n_episodes": n,
-            "eval_s": eval_s,
-            "eval_ep_s": eval_s / n,
-        },
-        "latency_ms": asdict(latency) if latency is not None else None,
-        **extra,
-    }
-
-
 def run_run_sim(cfg: RunSimConfig) -> dict[str, Any]:
     from rich.progress import Progress
 
+    from simpo_robot.evaluate import EpisodeResult as EvalEpisode
+    from simpo_robot.evaluate import EvalResult, wilson_interval
     from simpo_robot.logging_utils import console
     from simpo_robot.tasks import load_task, make_env
 
@@ -212,9 +181,17 @@ def run_run_sim(cfg: RunSimConfig) -> dict[str, Any]:
         client.close()
     eval_s = time.perf_counter() - t0
     latency = LatencyStats.of(latencies, server_ms)
-    info = eval_info(results, eval_s, latency, {
-        "task": spec.name, "server": cfg.server, "policy_name": meta.policy_name, "backend": meta.backend,
-    })
+    successes = sum(r.success for r in results)
+    result = EvalResult(
+        per_episode=[EvalEpisode(r.episode_ix, r.sum_reward, r.max_reward, r.success, r.seed) for r in results],
+        success_rate=successes / len(results),
+        ci95=wilson_interval(successes, len(results)),
+        avg_sum_reward=float(np.mean([r.sum_reward for r in results])),
+        avg_max_reward=float(np.mean([r.max_reward for r in results])),
+        eval_s=eval_s,
+    )
+    info = result.to_eval_info(task=spec.name, policy=meta.policy_name, seed=cfg.seed, server=cfg.server,
+                               backend=meta.backend, latency_ms=asdict(latency))
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / EVAL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     agg = info["aggregated"]
