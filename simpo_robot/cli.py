@@ -1,5 +1,7 @@
 """The `simpo-robot` command: `simpo-robot SUBCOMMAND [--field value ...]`.
 
+Flags may be written with dashes or underscores (`--negative-bound` = `--negative_bound`).
+
 Each subcommand is a typed config dataclass (parsed with draccus, as LeRobot's scripts are, so
 `--config_path FILE` loads a YAML/JSON file of the same fields) and a function that runs it. Modules
 are imported only when their subcommand runs, so `simpo-robot --help` stays fast.
@@ -57,13 +59,24 @@ def _config_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def normalise_flags(args: list[str]) -> list[str]:
+    """Accept `--dry-run` as well as draccus's `--dry_run`: dashes in a flag's name become underscores."""
+    out = []
+    for arg in args:
+        if arg.startswith("--") and len(arg) > 2:
+            name, sep, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + sep + value
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     setup_logging()
     if not argv or argv[0] in ("-h", "--help"):
         console.print(_usage(), markup=False, highlight=False)
         return 0 if argv else 2
-    name, args = argv[0], argv[1:]
+    name, args = argv[0], normalise_flags(argv[1:])
     if name not in COMMANDS:
         console.print(f"simpo-robot: unknown subcommand {name!r}.\n\n{_usage()}", markup=False, highlight=False)
         return 2

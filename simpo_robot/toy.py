@@ -80,7 +80,7 @@ class ToyConfig:
     # pretrained policy, so differences between variants come from the weighting alone.
     seeds: int = 3
     # SiMPO updates per run (the same for every variant).
-    updates: int = 200
+    updates: int = 150
     # Particles N drawn from pi_old per update.
     particles: int = 256
     # Std of the Gaussian exploration noise added to particles (the reference recipe uses 0.2).
@@ -217,6 +217,8 @@ class ToyResult:
     final_reward: float
     best_mode_mass: float
     bad_region_mass: float
+    # Mean over updates of the negative mass of the normalised weights, sum_i max(-w_i, 0).
+    negative_mass: float
     curve: list[CurvePoint]
     wall_s: float
 
@@ -240,6 +242,7 @@ def finetune(cfg: ToyConfig, base: ToyDenoiser, scheduler, weighting: str, bound
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     temp_opt = torch.optim.Adam(temperature.parameters(), lr=cfg.temperature_lr)
     curve = [evaluate(model, scheduler, cfg, 0, seed)[0]]
+    negative_mass = 0.0
     for update in range(1, cfg.updates + 1):
         if update % cfg.refresh_every == 1 or cfg.refresh_every == 1:
             pi_old.load_state_dict(model.state_dict())
@@ -247,6 +250,7 @@ def finetune(cfg: ToyConfig, base: ToyDenoiser, scheduler, weighting: str, bound
         particles = (particles + cfg.particle_noise * torch.randn(particles.shape, generator=gen)).clamp(-1, 1)
         q = toy_reward(particles)
         normalised = solve_weights(q, temperature.value, weighting, bound).weights
+        negative_mass += torch.clamp(normalised, max=0).abs().sum().item() / cfg.updates
         loss = denoising_step_loss(model, scheduler, particles, cfg.particles * normalised, gen)
         opt.zero_grad()
         loss.backward()
@@ -261,8 +265,8 @@ def finetune(cfg: ToyConfig, base: ToyDenoiser, scheduler, weighting: str, bound
             log.debug("%s@%s seed %d update %d: %s lambda=%.3g kl=%.3f", weighting, bound, seed, update, point,
                       temperature.value, weight_kl_from_uniform(normalised.unsqueeze(0)).item())
     final, actions = evaluate(model, scheduler, cfg, cfg.updates, seed)
-    result = ToyResult(weighting, bound, seed, final.reward, final.best_mode_mass, final.bad_region_mass, curve,
-                       time.perf_counter() - start)
+    result = ToyResult(weighting, bound, seed, final.reward, final.best_mode_mass, final.bad_region_mass,
+                       negative_mass, curve, time.perf_counter() - start)
     return result, actions
 
 

@@ -67,3 +67,10 @@ def test_bad_arguments_get_clear_messages(args, message, capsys):
 def test_json_path_that_is_a_directory_is_refused(tmp_path, capsys):
     assert main(["toy", *TINY, "--json", str(tmp_path)]) == 1
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_flags_accept_dashes_as_well_as_underscores(tmp_path):
+    out = tmp_path / "o.json"
+    args = [a.replace("_", "-") if a.startswith("--") else a for a in TINY]
+    assert main(["toy", *args, "--variants", "[exp]", "--seeds", "1", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["results"]) == 1
