@@ -229,6 +229,6 @@ def test_cli_dry_run(policy, tmp_path):
     from simpo_robot.cli import main
 
     out = tmp_path / "dry"
-    assert main(["push", "--policy", str(policy), "--repo_id", "me/cli", "--dry_run", str(out)]) == 0
+    assert main(["push", "--policy", str(policy), "--repo-id", "me/cli", "--dry-run", str(out)]) == 0
     assert (out / "README.md").is_file() and (out / "model.safetensors").is_file()
     assert main(["push", "--policy", str(tmp_path / "missing"), "--repo_id", "me/cli", "--dry_run", str(out)]) == 1

@@ -245,12 +245,19 @@ class PolicyEngine:
             return self.policy.diffusion._prepare_global_conditioning(batch).numpy()
 
     def infer(
-        self, observation: dict[str, np.ndarray], noise: SamplerNoise | None = None, seed: int | None = None
+        self,
+        observation: dict[str, np.ndarray],
+        noise: SamplerNoise | None = None,
+        seed: int | None = None,
+        validated: bool = False,
     ) -> Inference:
-        """Observation (validated or not) -> Inference. Noise from `noise`, else drawn from `seed` (None: fresh)."""
+        """Observation -> Inference. Noise from `noise`, else drawn from `seed` (None: fresh).
+
+        `validated=True` skips `validate` for an observation that already went through it.
+        """
         import torch
 
-        obs = self.validate(observation)
+        obs = observation if validated else self.validate(observation)
         t0 = time.perf_counter()
         batch = {name: torch.from_numpy(value).unsqueeze(0) for name, value in obs.items()}  # (1, T, ...)
         with torch.inference_mode():

@@ -1,7 +1,7 @@
-"""`simpo-robot push --policy DIR --repo_id USER/NAME [--private true] [--dry_run OUT]`.
+"""`simpo-robot push --policy DIR --repo-id USER/NAME [--private true] [--dry-run OUT]`.
 
 Uploads a policy folder in LeRobot's layout with a generated model card (README.md), in one commit
-through `huggingface_hub` (create_repo, then upload_folder). `--dry_run OUT` writes exactly the files
+through `huggingface_hub` (create_repo, then upload_folder). `--dry-run OUT` writes exactly the files
 that would be committed to OUT (the upload stages the same folder) and needs no token or network.
 
 What is uploaded: config.json, model.safetensors, policy_{pre,post}processor*.{json,safetensors},
@@ -79,7 +79,7 @@ class PushConfig:
         if not str(self.policy) or str(self.policy) == ".":
             raise ValueError("--policy is required (a local policy folder)")
         if not _REPO_ID.match(self.repo_id):
-            raise ValueError(f"--repo_id must look like USER/NAME, got {self.repo_id!r}")
+            raise ValueError(f"--repo-id must look like USER/NAME, got {self.repo_id!r}")
         if self.dry_run is not None:
             self.dry_run = Path(self.dry_run)
 
@@ -245,7 +245,7 @@ def upload(cfg: PushConfig, staged: Path) -> str:
     if not token:
         raise SimpoRobotError(
             "no Hugging Face token: run `hf auth login` or set HF_TOKEN to a token with write access "
-            "(https://huggingface.co/settings/tokens). `--dry_run OUT` shows what would be pushed without one."
+            "(https://huggingface.co/settings/tokens). `--dry-run OUT` shows what would be pushed without one."
         )
     api = HfApi(endpoint=endpoint, token=token)
     try:
@@ -263,7 +263,7 @@ def upload(cfg: PushConfig, staged: Path) -> str:
     except (httpx.TransportError, OSError) as exc:
         raise SimpoRobotError(
             f"cannot reach the Hugging Face Hub at {endpoint} ({type(exc).__name__}: {exc}). Check the network "
-            "or HF_ENDPOINT; `--dry_run OUT` works offline."
+            "or HF_ENDPOINT; `--dry-run OUT` works offline."
         ) from exc
     return str(commit.commit_url)
 
@@ -274,7 +274,7 @@ def run_push(cfg: PushConfig) -> PushResult:
     if cfg.dry_run is not None:
         out = cfg.dry_run
         if out.exists() and any(out.iterdir()):
-            raise SimpoRobotError(f"--dry_run folder {out} is not empty; pick a new one.")
+            raise SimpoRobotError(f"--dry-run folder {out} is not empty; pick a new one.")
         files = stage(cfg, out)
         log.info("dry run: the %d file(s) that would be pushed to %s are in %s", len(files), cfg.repo_id, out)
         return PushResult(files=files, url=None)

@@ -182,7 +182,7 @@ class PolicyServer:
 
         def infer() -> Inference:
             started.append(time.perf_counter())
-            return self.engine.infer(obs, seed=seed)
+            return self.engine.infer(obs, seed=seed, validated=True)
 
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._executor, infer)
