@@ -1,8 +1,9 @@
 """Policy server over loopback vs in-process inference of the same bundle, torch and onnxruntime.
 
-For each backend: in-process `PolicyEngine.infer` (the floor), then `simpo-robot serve` in a subprocess
-queried by 1 client and by 8 concurrent clients (each `--requests` requests, numpy/msgpack/websockets
-client). Reports latency p50/p99 (client round trip), requests per second and failures, the server's
+For each backend: `simpo-robot serve` in a subprocess; `--requests` requests in-process
+(`PolicyEngine.infer`, the floor) interleaved one by one with the same requests from 1 client through the
+server (so both see the same load on a shared machine); then 8 concurrent clients x `--requests`
+(numpy/msgpack/websockets client). Reports latency p50/p99 (client round trip), requests per second and failures, the server's
 added latency at p50 (1 client minus in-process), and writes its section of BENCHMARKS.md.
 
     .venv/bin/python benchmarks/serve.py                      # pretrained/fetch_push, 200 requests
@@ -65,20 +66,31 @@ def _row(backend: str, mode: str, clients: int, latencies: list[float], wall_s: 
                float(np.median(server_ms)) if server_ms else None)
 
 
-def in_process(bundle: Path, backend: str, requests: int) -> Row:
+def single_client(bundle: Path, url: str, backend: str, requests: int) -> tuple[Row, Row]:
+    """In-process and 1-client-through-the-server requests, interleaved so both see the same machine load."""
     from simpo_robot.deploy.bundle import PolicyEngine
+    from simpo_robot.deploy.client import PolicyClient
 
     engine = PolicyEngine.load(bundle, backend)  # type: ignore[arg-type]
     obs = _observations(engine.manifest, requests)
-    for o in obs[:10]:
-        engine.infer(o)
-    latencies = []
-    t0 = time.perf_counter()
-    for i, o in enumerate(obs):
-        t = time.perf_counter()
-        engine.infer(o, seed=i)
-        latencies.append((time.perf_counter() - t) * 1e3)
-    return _row(backend, "in-process", 1, latencies, time.perf_counter() - t0, 0)
+    local, remote, server_ms = [], [], []
+    with PolicyClient(url, timeout_s=60) as client:
+        for o in obs[:10]:
+            engine.infer(o)
+            client.infer(o)
+        local_s = remote_s = 0.0
+        for i, o in enumerate(obs):
+            t = time.perf_counter()
+            engine.infer(o, seed=i)
+            local.append((time.perf_counter() - t) * 1e3)
+            t2 = time.perf_counter()
+            chunk = client.infer(o, seed=i)
+            remote.append(chunk.latency_ms)
+            server_ms.append(chunk.timing["server_ms"])
+            local_s += t2 - t
+            remote_s += time.perf_counter() - t2
+    return (_row(backend, "in-process", 1, local, local_s, 0),
+            _row(backend, "server", 1, remote, remote_s, 0, server_ms))
 
 
 def _free_port() -> int:
@@ -183,10 +195,9 @@ def main() -> None:
         manifest = BundleManifest.read(bundle)
         rows: list[Row] = []
         for backend in args.backends:
-            rows.append(in_process(bundle, backend, args.requests))
             proc, url = start_server(bundle, backend)
             try:
-                rows.append(through_server(url, manifest, backend, 1, args.requests))
+                rows.extend(single_client(bundle, url, backend, args.requests))
                 rows.append(through_server(url, manifest, backend, args.clients, args.requests))
             finally:
                 proc.send_signal(signal.SIGTERM)
@@ -219,8 +230,9 @@ def main() -> None:
         "Server: `simpo-robot serve --threads 1` in its own process; clients: `deploy/simpo_client.py` in "
         "threads of the benchmark process, one WebSocket each. Latency is the client's round trip (encode, "
         "send, queue, pre/post-processing, sampling, reply, decode); in-process is `PolicyEngine.infer` in "
-        "the benchmark process. One inference thread serves all clients in arrival order, so with 8 clients "
-        "latency grows with the queue while req/s stays at the single-thread inference rate.", "",
+        "the benchmark process, interleaved request by request with the 1-client run. One inference thread serves all clients; requests that arrive while a pass "
+        "runs share the next pass (`--max-batch 8`), so 8 clients get more req/s than 1 at a higher latency. "
+        "Server-side p50 is the server's own time per request (decode, queue, inference, encode).", "",
         *table, "", *overhead,
     ])
     if not args.no_write:

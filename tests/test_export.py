@@ -81,6 +81,16 @@ def test_onnx_gives_torch_actions_for_same_observation_and_noise(bundle):
     assert check is not None and check.rel_error < 1e-4
 
 
+def test_batched_inference_equals_one_by_one(bundle):
+    """The server batches concurrent requests: each request's chunk depends only on its own seed."""
+    engine = PolicyEngine.load(bundle, "onnx")
+    observations = [_observation(seed) for seed in range(4)]
+    batched = engine.infer_batch(observations, seeds=[10, 11, 12, 13])
+    assert [r.timing.batch for r in batched] == [4] * 4
+    for obs, seed, result in zip(observations, [10, 11, 12, 13], batched, strict=True):
+        np.testing.assert_allclose(result.actions, engine.infer(obs, seed=seed).actions, atol=1e-5, rtol=0)
+
+
 def test_ddim_tables_match_diffusers_step():
     """One DDIM step from the tables equals DDIMScheduler.step (epsilon, clipped) on arange-based inputs."""
     from diffusers.schedulers.scheduling_ddim import DDIMScheduler

@@ -145,6 +145,8 @@ class InferenceTiming:
     preprocess_ms: float
     sample_ms: float
     postprocess_ms: float
+    batch: int = 1
+    """Observations that shared this pass of the network."""
 
     @property
     def total_ms(self) -> float:
@@ -251,28 +253,45 @@ class PolicyEngine:
         seed: int | None = None,
         validated: bool = False,
     ) -> Inference:
-        """Observation -> Inference. Noise from `noise`, else drawn from `seed` (None: fresh).
+        """Observation -> Inference. Noise from `noise` (batch 1), else drawn from `seed` (None: fresh).
 
         `validated=True` skips `validate` for an observation that already went through it.
         """
+        return self.infer_batch([observation], seeds=[seed], noise=noise, validated=validated)[0]
+
+    def infer_batch(
+        self,
+        observations: list[dict[str, np.ndarray]],
+        seeds: list[int | None] | None = None,
+        noise: SamplerNoise | None = None,
+        validated: bool = False,
+    ) -> list[Inference]:
+        """B observations -> B Inferences in one pass of the network (the server batches concurrent requests).
+
+        Request i's noise is drawn from `seeds[i]` alone, so its chunk does not depend on what it was
+        batched with (up to float rounding of the batched kernels); `noise` (batch B) overrides the seeds.
+        """
         import torch
 
-        obs = observation if validated else self.validate(observation)
+        obs = observations if validated else [self.validate(o) for o in observations]
+        seeds = seeds if seeds is not None else [None] * len(obs)
         t0 = time.perf_counter()
-        batch = {name: torch.from_numpy(value).unsqueeze(0) for name, value in obs.items()}  # (1, T, ...)
+        batch = {name: torch.from_numpy(np.stack([o[name] for o in obs])) for name in obs[0]}  # (B, T, ...)
         with torch.inference_mode():
             batch = self.preprocessor(batch)
         cond = self.global_conditioning(batch)
         t1 = time.perf_counter()
         if noise is None:
-            noise = self.draw_noise(np.random.default_rng(seed))
+            parts = [self.draw_noise(np.random.default_rng(seed)) for seed in seeds]
+            noise = SamplerNoise(initial=np.concatenate([p.initial for p in parts]),
+                                 steps=np.concatenate([p.steps for p in parts], axis=1))
         chunk = sample(self.denoiser, cond, noise, self.tables, self.manifest.sampler)
         start = self.manifest.n_obs_steps - 1  # as DiffusionModel.generate_actions
         chunk = chunk[:, start : start + self.manifest.n_action_steps]
         t2 = time.perf_counter()
         with torch.inference_mode():
             actions = self.postprocessor(torch.from_numpy(np.ascontiguousarray(chunk)))
-        actions = actions[0].numpy().astype(np.float32, copy=False)
+        actions = actions.numpy().astype(np.float32, copy=False)
         t3 = time.perf_counter()
-        timing = InferenceTiming((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
-        return Inference(actions=actions, timing=timing)
+        timing = InferenceTiming((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, batch=len(obs))
+        return [Inference(actions=a, timing=timing) for a in actions]

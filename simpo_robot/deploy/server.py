@@ -1,8 +1,11 @@
 """`simpo-robot serve --bundle BUNDLE --host 127.0.0.1 --port N`: the policy server.
 
 One asyncio event loop owns the sockets (WebSocket, msgpack; the protocol is in
-`simpo_robot.deploy.client`); one inference thread runs the PolicyEngine, so requests from several
-clients are served in arrival order while slow or idle connections never block the others.
+`simpo_robot.deploy.client`); one inference thread runs the PolicyEngine, so slow or idle connections
+never block the others. Requests that arrive while a pass of the network is running are batched into
+the next pass (up to `max_batch`), in arrival order: one client never waits for a batch to fill, and
+many clients share passes. A request's noise comes from its own seed, so its actions do not depend on
+what it was batched with.
 
 Robustness: every bad request (not msgpack, not a map, missing or unexpected keys, wrong shapes or
 dtypes, NaN/inf) gets `{"error": message}` and the connection stays open; a message over
@@ -15,6 +18,7 @@ accepting connections, finish the requests in flight, close every connection (10
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simpo_robot.deploy.bundle import Inference, ObservationError, PolicyEngine
+from simpo_robot.deploy.bundle import ObservationError, PolicyEngine
 from simpo_robot.deploy.client import ProtocolError, pack, unpack
 from simpo_robot.errors import SimpoRobotError
 
@@ -54,6 +58,8 @@ class ServeConfig:
     """CPU threads for torch and onnxruntime inference (1 is fastest for small policies on shared CPUs)."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM, how long requests in flight may take to finish."""
+    max_batch: int = 8
+    """Most requests run in one pass of the network (1: one request at a time)."""
 
     def __post_init__(self) -> None:
         self.bundle = Path(self.bundle)
@@ -61,7 +67,7 @@ class ServeConfig:
             raise ValueError(f"--backend must be 'torch' or 'onnx', got {self.backend!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
-        for name in ("max_message_bytes", "max_clients", "threads"):
+        for name in ("max_message_bytes", "max_clients", "threads", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("idle_timeout_s", "open_timeout_s", "shutdown_grace_s"):
@@ -72,6 +78,16 @@ class ServeConfig:
 @dataclass
 class _Connection:
     busy: bool = False
+
+
+@dataclass
+class _Pending:
+    """A validated request waiting for the inference thread."""
+
+    obs: dict[str, Any]
+    seed: int | None
+    future: asyncio.Future
+    """Resolves to (Inference, time its pass started)."""
 
 
 class PolicyServer:
@@ -86,6 +102,7 @@ class PolicyServer:
         self._connections: dict[Any, _Connection] = {}
         self._stopping = False
         self._executor: ThreadPoolExecutor | None = None
+        self._queue: asyncio.Queue[_Pending] | None = None
         self._metadata = pack({
             **engine.manifest.metadata(engine.backend),
             "max_message_bytes": config.max_message_bytes,
@@ -96,6 +113,8 @@ class PolicyServer:
 
         cfg = self.config
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._queue = asyncio.Queue()
+        batcher = asyncio.create_task(self._batcher())
         try:
             async with serve(
                 self._handle,
@@ -128,6 +147,7 @@ class PolicyServer:
                 except TimeoutError:
                     log.warning("requests still running after %.0f s; closing anyway", cfg.shutdown_grace_s)
         finally:
+            batcher.cancel()
             self._executor.shutdown(wait=True, cancel_futures=True)
         log.info("stopped after %d request(s), %d error reply(ies)", self.requests, self.errors)
 
@@ -178,28 +198,45 @@ class PolicyServer:
             self.errors += 1
             return {"error": str(exc)}
         t_decoded = time.perf_counter()
-        started: list[float] = []
-
-        def infer() -> Inference:
-            started.append(time.perf_counter())
-            return self.engine.infer(obs, seed=seed, validated=True)
-
+        pending = _Pending(obs, seed, asyncio.get_running_loop().create_future())
+        await self._queue.put(pending)
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, infer)
+            result, started = await pending.future
         except Exception as exc:  # a failure inside the policy must not take the server down
             self.errors += 1
-            log.exception("inference failed")
             return {"error": f"inference failed: {type(exc).__name__}: {exc}"}
         t_done = time.perf_counter()
         timing = {
             "decode_ms": (t_decoded - t_recv) * 1e3,
-            "queue_ms": (started[0] - t_decoded) * 1e3,
+            "queue_ms": (started - t_decoded) * 1e3,
+            "batch": result.timing.batch,
             "preprocess_ms": result.timing.preprocess_ms,
             "sample_ms": result.timing.sample_ms,
             "postprocess_ms": result.timing.postprocess_ms,
             "server_ms": (t_done - t_recv) * 1e3,
         }
         return {"actions": result.actions, "timing": timing}
+
+    async def _batcher(self) -> None:
+        """Take the waiting requests (up to max_batch), run them in one pass on the inference thread."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.config.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, functools.partial(
+                    self.engine.infer_batch, [p.obs for p in batch], [p.seed for p in batch], validated=True))
+            except Exception as exc:
+                log.exception("inference failed for a batch of %d", len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p, result in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result((result, started))
 
 
 class BackgroundServer:
