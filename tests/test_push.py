@@ -181,6 +181,18 @@ def test_card_without_training_info(tmp_path):
     assert TrainingInfo.read(folder) is None
 
 
+def test_pretrained_checkpoint_card_and_keep_mode(tmp_path):
+    folder = save_tiny_policy(tmp_path / "pretrained")
+    (folder / "train_info.json").write_text(json.dumps({"task": "fetch_push", "steps": 100}))
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# hand-written card\n")
+    result = run_push(PushConfig(policy=folder, repo_id="me/pre", dry_run=tmp_path / "gen"))
+    assert "train_info.json" in result.files
+    card = (tmp_path / "gen" / "README.md").read_text()
+    assert "| task | fetch_push |" in card and "behaviour cloning" in card and "base_model" not in _header(card)
+    run_push(PushConfig(policy=folder, repo_id="me/pre", dry_run=tmp_path / "keep", card="keep"))
+    assert (tmp_path / "keep" / "README.md").read_text() == (folder / "README.md").read_text()
+
+
 def test_upload_is_one_commit_of_exactly_the_dry_run_files(policy, hub, tmp_path):
     run_push(PushConfig(policy=policy, repo_id="me/fetch-push-simpo", dry_run=tmp_path / "dry"))
     result = run_push(PushConfig(policy=policy, repo_id="me/fetch-push-simpo", private=True))

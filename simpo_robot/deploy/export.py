@@ -34,6 +34,7 @@ from simpo_robot.errors import SimpoRobotError
 log = logging.getLogger(__name__)
 
 TRAINING_INFO_FILE = "training_info.json"
+PRETRAIN_INFO_FILE = "train_info.json"
 ONNX_OPSET = 18
 
 
@@ -116,22 +117,20 @@ def _control_hz(cfg: ExportConfig, folder: Path) -> float | None:
         previous = BundleManifest.read(folder).control_hz
         if previous:
             return previous
-    info_file = folder / TRAINING_INFO_FILE
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info: dict = {}
+    for name in (PRETRAIN_INFO_FILE, TRAINING_INFO_FILE):  # fine-tuning's sidecar wins over pretraining's
+        if (folder / name).is_file():
+            info.update(json.loads((folder / name).read_text()))
     if info.get("control_hz"):
         return float(info["control_hz"])
-    task = info.get("task")
-    if task:
-        try:
-            from simpo_robot.tasks import load_task
+    if info.get("task"):
+        from simpo_robot.tasks import load_task
 
-            spec = load_task(task)
-            for name in ("control_hz", "fps"):
-                if getattr(spec, name, None):
-                    return float(getattr(spec, name))
-        except Exception as exc:  # the task registry is optional here: the rate is metadata
-            log.warning("could not read the control rate of task %r: %s", task, exc)
-    log.warning("control rate unknown (pass --control_hz); the bundle will say control_hz=null")
+        try:
+            return float(load_task(info["task"]).fps)
+        except SimpoRobotError as exc:  # a task file that is gone: the rate is only metadata
+            log.warning("could not read the control rate of task %r: %s", info["task"], exc)
+    log.warning("control rate unknown (pass --control-hz); the bundle will say control_hz=null")
     return None
 
 
@@ -201,11 +200,12 @@ def _policy_name(ref: str) -> str:
 
 
 def _sidecar_files(folder: Path) -> list[str]:
-    """training_info.json and the files it names (learning curve), so `push` works on a bundle too."""
+    """train_info.json, training_info.json and the image it names, so `push` works on a bundle too."""
+    names = [n for n in (PRETRAIN_INFO_FILE,) if (folder / n).is_file()]
     info_file = folder / TRAINING_INFO_FILE
     if not info_file.is_file():
-        return []
-    names = [TRAINING_INFO_FILE]
+        return names
+    names.append(TRAINING_INFO_FILE)
     try:
         curve = json.loads(info_file.read_text()).get("learning_curve")
     except json.JSONDecodeError:

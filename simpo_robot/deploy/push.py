@@ -5,8 +5,9 @@ through `huggingface_hub` (create_repo, then upload_folder). `--dry-run OUT` wri
 that would be committed to OUT (the upload stages the same folder) and needs no token or network.
 
 What is uploaded: config.json, model.safetensors, policy_{pre,post}processor*.{json,safetensors},
-training_info.json and the learning-curve image it names, deploy.json and denoiser.onnx when the folder
-is an export bundle, and README.md. Other files in the folder are left out (and logged).
+training_info.json and the learning-curve image it names, train_info.json (pretraining), deploy.json and
+denoiser.onnx when the folder is an export bundle, and README.md (generated, or the folder's own with
+`--card keep`). Other files in the folder are left out (and logged).
 
 The model card reads the optional sidecar `training_info.json` in the policy folder, which the trainer
 writes. Its schema (every field optional; without the file the card says what is unknown):
@@ -30,6 +31,7 @@ writes. Its schema (every field optional; without the file the card says what is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,6 +47,8 @@ from simpo_robot.errors import SimpoRobotError
 log = logging.getLogger(__name__)
 
 TRAINING_INFO_FILE = "training_info.json"
+PRETRAIN_INFO_FILE = "train_info.json"
+"""Written by `simpo-robot pretrain`; its `task` is used when there is no training_info.json."""
 CARD_FILE = "README.md"
 LEROBOT_PATTERNS = (
     "config.json",
@@ -55,6 +59,7 @@ LEROBOT_PATTERNS = (
     "policy_postprocessor*.safetensors",
 )
 BUNDLE_FILES = ("deploy.json", "denoiser.onnx")
+CARD_MODES = ("generate", "keep")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -73,6 +78,8 @@ class PushConfig:
     commit_message: str = "Upload policy (simpo-robot push)"
     revision: str | None = None
     """Branch to commit to (default: main)."""
+    card: str = "generate"
+    """"generate": write README.md from training_info.json; "keep": upload the folder's own README.md."""
 
     def __post_init__(self) -> None:
         self.policy = Path(self.policy)
@@ -82,6 +89,8 @@ class PushConfig:
             raise ValueError(f"--repo-id must look like USER/NAME, got {self.repo_id!r}")
         if self.dry_run is not None:
             self.dry_run = Path(self.dry_run)
+        if self.card not in CARD_MODES:
+            raise ValueError(f"--card must be one of {CARD_MODES}, got {self.card!r}")
 
 
 @dataclass(frozen=True)
@@ -121,8 +130,16 @@ class TrainingInfo:
 
     @classmethod
     def read(cls, folder: Path) -> TrainingInfo | None:
+        """The sidecar, or for a pretrained checkpoint (train_info.json only) its task; None without either."""
         file = folder / TRAINING_INFO_FILE
         if not file.is_file():
+            pretrain = folder / PRETRAIN_INFO_FILE
+            if pretrain.is_file():
+                try:
+                    task = json.loads(pretrain.read_text()).get("task")
+                except (json.JSONDecodeError, AttributeError):
+                    return None
+                return cls(task=task, algorithm="behaviour cloning (simpo-robot pretrain)")
             return None
         try:
             raw = json.loads(file.read_text())
@@ -213,24 +230,29 @@ def stage(cfg: PushConfig, out: Path) -> list[str]:
         log.warning("%s has no %s: the model card will not name the base model, task or success rates",
                     folder, TRAINING_INFO_FILE)
     names = sorted({p.name for pattern in LEROBOT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
-    names += [n for n in BUNDLE_FILES if (folder / n).is_file()]
-    if info is not None:
+    names += [n for n in (*BUNDLE_FILES, PRETRAIN_INFO_FILE) if (folder / n).is_file()]
+    if (folder / TRAINING_INFO_FILE).is_file():
         names.append(TRAINING_INFO_FILE)
-        if info.learning_curve:
-            if (folder / info.learning_curve).is_file():
-                names.append(info.learning_curve)
-            else:
-                log.warning("learning curve %s named in %s is missing", info.learning_curve, TRAINING_INFO_FILE)
-                info = TrainingInfo(**{**info.__dict__, "learning_curve": None})
-    skipped = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in names)
+    if info is not None and info.learning_curve:
+        if (folder / info.learning_curve).is_file():
+            names.append(info.learning_curve)
+        else:
+            log.warning("learning curve %s named in %s is missing", info.learning_curve, TRAINING_INFO_FILE)
+            info = dataclasses.replace(info, learning_curve=None)
+    skipped = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in [*names, CARD_FILE])
     if skipped:
         log.info("not uploading %s", ", ".join(skipped))
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(folder / name, out / name)
-    config = json.loads((folder / "config.json").read_text())
-    (out / CARD_FILE).write_text(model_card(config, info, cfg.repo_id, cfg.license))
+    if cfg.card == "keep":
+        if not (folder / CARD_FILE).is_file():
+            raise SimpoRobotError(f"--card keep: {folder} has no {CARD_FILE}; use --card generate.")
+        shutil.copy2(folder / CARD_FILE, out / CARD_FILE)
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        (out / CARD_FILE).write_text(model_card(config, info, cfg.repo_id, cfg.license))
     return sorted([*names, CARD_FILE])
 
 
