@@ -249,3 +249,25 @@ def test_robot_kit_is_the_client_and_needs_no_torch():
     )
     code = "import sys, simpo_client; assert 'torch' not in sys.modules and 'simpo_robot' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=kit.parent, check=True, timeout=60)
+
+
+def test_client_limit_and_inference_failure(bundle, reference):
+    engine = PolicyEngine.load(bundle, "onnx")
+    infer_batch = engine.infer_batch
+
+    def flaky(observations, seeds=None, **kwargs):
+        if seeds and seeds[0] == 666:
+            raise RuntimeError("boom")
+        return infer_batch(observations, seeds, **kwargs)
+
+    engine.infer_batch = flaky
+    with BackgroundServer(engine, ServeConfig(bundle=bundle, port=0, backend="onnx", max_clients=1)) as url:
+        with PolicyClient(url) as client:
+            second = connect(url, open_timeout=5, compression=None, **CONNECT_KWARGS)
+            with pytest.raises(ConnectionClosed) as info:
+                second.recv(timeout=5)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1013
+            with pytest.raises(ServerError, match="inference failed: RuntimeError: boom"):
+                client.infer(_observation(0), seed=666)
+            np.testing.assert_allclose(client.infer(_observation(0), seed=1).actions,
+                                       reference.infer(_observation(0), seed=1).actions, atol=1e-5)

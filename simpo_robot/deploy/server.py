@@ -300,6 +300,7 @@ def run_serve(cfg: ServeConfig) -> None:
     if not cfg.bundle.is_dir():
         raise SimpoRobotError(f"bundle {cfg.bundle} does not exist; make one with `simpo-robot export`.")
     set_threads(cfg.threads)
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # per-connection open/close lines: ours say more
     engine = PolicyEngine.load(cfg.bundle, backend=cfg.backend, onnx_threads=cfg.threads)  # type: ignore[arg-type]
     warm = engine.infer(_zeros_observation(engine), seed=0)  # load kernels now, not on the first robot request
     log.info("warm-up inference: %.1f ms", warm.timing.total_ms)
