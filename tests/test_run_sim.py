@@ -1,6 +1,7 @@
 """run-sim: a task played through the server equals the same play in-process, and eval_info.json is complete."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from simpo_robot.errors import SimpoRobotError
 from simpo_robot.tasks import load_task, make_env
 
 TASK = "fetch_push"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +84,20 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
 
 def test_helpers():
     assert request_seed(3, 1) == request_seed(3, 1) != request_seed(3, 2)
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_success_through_server_matches_eval(tmp_path):
+    """The shipped fetch_push policy: run-sim through the server vs in-process `simpo-robot eval`."""
+    from simpo_robot.evaluate import EvalConfig, run_eval
+
+    checkpoint = REPO / "pretrained" / TASK
+    if not (checkpoint / "config.json").is_file():
+        pytest.skip("pretrained/fetch_push is not there")
+    episodes = 50
+    bundle = run_export(ExportConfig(policy=str(checkpoint), out=tmp_path / "bundle")).bundle
+    with BackgroundServer(PolicyEngine.load(bundle, "onnx"), ServeConfig(bundle=bundle, port=0, backend="onnx")) as url:
+        served = run_run_sim(RunSimConfig(server=url, task=TASK, episodes=episodes, out=tmp_path / "sim"))
+    local = run_eval(EvalConfig(policy=str(checkpoint), task=TASK, episodes=episodes, out=tmp_path / "eval"))
+    lo, hi = served["aggregated"]["pc_success_ci95"]
+    assert lo <= 100 * local.success_rate <= hi, (served["aggregated"], local.success_rate)
