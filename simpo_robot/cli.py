@@ -32,6 +32,7 @@ COMMANDS: dict[str, Command] = {
     "toy": Command("simpo_robot.toy", "ToyConfig", "run_toy", "SiMPO weightings on a 2-D multimodal reward (the first thing to run)"),
     "collect": Command("simpo_robot.collect", "CollectConfig", "run_collect", "record scripted-expert demonstrations as a LeRobot dataset"),
     "pretrain": Command("simpo_robot.pretrain", "PretrainConfig", "run_pretrain", "behaviour-clone a LeRobot DiffusionPolicy from demonstrations"),
+    "finetune": Command("simpo_robot.rl.trainer", "FinetuneConfig", "run_finetune", "fine-tune a pretrained diffusion policy online with SiMPO"),
     "eval": Command("simpo_robot.evaluate", "EvalConfig", "run_eval", "evaluate a policy on a task (eval_info.json, success with 95% CI)"),
     "export": Command("simpo_robot.deploy.export", "ExportConfig", "run_export", "export a policy as a self-contained bundle (LeRobot layout + ONNX)"),
     "serve": Command("simpo_robot.deploy.server", "ServeConfig", "run_serve", "serve a bundle over WebSocket + msgpack"),
@@ -59,13 +60,18 @@ def _config_error(exc: BaseException) -> BaseException:
     return exc
 
 
+CONFIG_FLAG = {"config": "config_path"}  # `--config FILE` is draccus's `--config_path FILE`
+
+
 def normalise_flags(args: list[str]) -> list[str]:
-    """Accept `--dry-run` as well as draccus's `--dry_run`: dashes in a flag's name become underscores."""
+    """Accept `--dry-run` as well as draccus's `--dry_run` (dashes in a flag's name become underscores),
+    and `--config FILE` for draccus's `--config_path FILE`."""
     out = []
     for arg in args:
         if arg.startswith("--") and len(arg) > 2:
             name, sep, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + sep + value
+            name = name.replace("-", "_")
+            arg = "--" + CONFIG_FLAG.get(name, name) + sep + value
         out.append(arg)
     return out
 

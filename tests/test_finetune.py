@@ -1,0 +1,128 @@
+"""Online fine-tuning: chunk returns, critic targets, replay, the explicit-timestep sampler, and the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from simpo_robot.cli import main
+from simpo_robot.deploy.testing import save_tiny_policy
+from simpo_robot.policy_io import load_policy
+from simpo_robot.rl.actor import DiffusionActor, sample_chunks, step_tables
+from simpo_robot.rl.chunks import chunk_return
+from simpo_robot.rl.critic import TwinCritic, TwinQ, ema_update, td_target
+from simpo_robot.rl.replay import ReplayBuffer, Transition
+
+
+def test_chunk_return_hand_computed():
+    rewards = torch.tensor([[-1.0, -1.0, 0.0], [-1.0, 5.0, 7.0], [0.0, 0.0, 0.0]])
+    alive = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    terminated = torch.tensor([False, True, False])
+    out = chunk_return(rewards, alive, terminated, gamma=0.5)
+    # env 0: -1 - 0.5 + 0 = -1.5, discount 0.5^3; env 1: -1 + 0.5*5 = 1.5 (step 3 dead), terminated -> 0;
+    # env 2: one step, truncated (not terminal) -> bootstrap with 0.5^1.
+    torch.testing.assert_close(out.reward, torch.tensor([-1.5, 1.5, 0.0]))
+    torch.testing.assert_close(out.discount, torch.tensor([0.125, 0.0, 0.5]))
+    assert out.steps.tolist() == [3, 2, 1]
+
+
+def test_td_target_uses_the_smaller_critic_and_the_discount():
+    y = td_target(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.0]),
+                  TwinQ(torch.tensor([10.0, 3.0]), torch.tensor([4.0, 9.0])))
+    torch.testing.assert_close(y, torch.tensor([1.0 + 0.5 * 4.0, 2.0]))
+
+
+def test_ema_update_exact():
+    torch.manual_seed(0)
+    source, target = TwinCritic(3, 2, (4,)), TwinCritic(3, 2, (4,))
+    expected = [0.9 * t + 0.1 * s for t, s in zip(target.parameters(), source.parameters(), strict=True)]
+    ema_update(target, source, tau=0.1)
+    for got, want in zip(target.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
+
+
+def make_transition(start: int, n: int) -> Transition:
+    a = torch.arange(start, start + n, dtype=torch.float32)
+    return Transition(a.reshape(n, 1, 1).repeat(1, 2, 3), a.reshape(n, 1, 1).repeat(1, 2, 2),
+                      a.reshape(n, 1, 1).repeat(1, 4, 2), a, a / 10, a.reshape(n, 1, 1).repeat(1, 2, 3) + 1,
+                      a.reshape(n, 1, 1).repeat(1, 2, 2) + 1)
+
+
+def test_replay_wraps_around_and_round_trips_exactly():
+    buffer = ReplayBuffer(5, make_transition(0, 1))
+    buffer.add(make_transition(0, 3))
+    buffer.add(make_transition(3, 4))  # 7 items into 5 slots: 5, 6 overwrite 0, 1
+    assert len(buffer) == 5 and buffer.cursor == 2
+    assert sorted(buffer.storage.reward.tolist()) == [2.0, 3.0, 4.0, 5.0, 6.0]
+    copy = ReplayBuffer(5, make_transition(0, 1))
+    copy.load_state_dict(buffer.state_dict())
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for x, y in zip(buffer.sample(8, g1), copy.sample(8, g2), strict=True):
+        assert torch.equal(x, y)
+    sample = buffer.sample(16, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sample.discount, sample.reward / 10)  # fields stay aligned
+
+
+@pytest.fixture(scope="module")
+def tiny_push(tmp_path_factory):
+    # fetch_push features: observation.state (10,), observation.environment_state (18,), action (4,)
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy", env_state_dim=18,
+                            noise_scheduler_type="DDIM", num_inference_steps=10)
+
+
+def test_sampler_matches_lerobot_conditional_sample(tiny_push):
+    policy = load_policy(tiny_push).policy
+    actor = DiffusionActor(policy)
+    cond = torch.randn(3, 2 * 28, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(3, actor.horizon, actor.action_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = policy.diffusion.conditional_sample(3, global_cond=cond, noise=noise)
+    ours = sample_chunks(actor.unet, cond, step_tables(policy.config), actor.horizon, actor.action_dim, noise=noise)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_finetune_cli_end_to_end(tiny_push, tmp_path):
+    out = tmp_path / "run"
+    args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--env-steps", "400",
+            "--learning-starts", "100", "--num-envs", "4", "--final-eval-episodes", "2", "--eval-episodes", "2",
+            "--eval-every", "200", "--batch-size", "16", "--actor-batch-size", "4", "--simpo.particles", "4",
+            "--log-every", "2", "--weighting", "linear", "--negative-bound", "-0.5", "--out", str(out)]
+    assert main(args) == 0
+    eval_info = json.loads((out / "eval_info.json").read_text())
+    assert set(eval_info["aggregated"]) >= {"avg_sum_reward", "avg_max_reward", "pc_success", "eval_s", "eval_ep_s"}
+    assert set(eval_info["per_episode"][0]) >= {"sum_reward", "max_reward", "success", "seed"}
+    info = json.loads((out / "final" / "training_info.json").read_text())
+    assert info["algorithm"] == "simpo" and info["weighting"] == "linear"
+    assert info["weighting_params"]["negative_bound"] == -0.5 and info["env_steps"] >= 400
+    steps = [step for step, _ in info["curve"]]  # before, one mid-run evaluation, after
+    assert len(steps) == 3 and steps[0] == 0 and 200 <= steps[1] < 400 and steps[2] == info["env_steps"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in metrics if "losses/actor" in m]
+    assert trained and all(math.isfinite(m["losses/critic"]) for m in trained)
+    assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert any((out / "tensorboard").iterdir())
+    reloaded = load_policy(out / "final")  # stock LeRobot layout, processors included
+    assert reloaded.config.type == "diffusion"
+    # the policy changed: the fine-tuned weights differ from the pretrained ones
+    before = load_policy(tiny_push).policy.state_dict()
+    after = reloaded.policy.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # a second run into the same folder is refused instead of overwriting it
+    assert main(args) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weighting", "softmaxx"], "unknown weighting"),
+    (["--negative-bound", "0.3"], "negative_bound"),
+    (["--algo", "ppo"], "unknown algo"),
+])
+def test_finetune_bad_flags(args, message, capsys):
+    assert main(["finetune", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_finetune_policy_that_does_not_fit_the_task(tiny_push, tmp_path, capsys):
+    code = main(["finetune", "--policy", str(tiny_push), "--task", "fetch_reach", "--out", str(tmp_path / "x")])
+    assert code == 1
+    assert "observation.environment_state" in capsys.readouterr().err
