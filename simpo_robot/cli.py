@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     setup_logging()
     if not argv or argv[0] in ("-h", "--help"):
-        console.print(_usage(), markup=False, highlight=False)
+        console.print(_usage(), markup=False, highlight=False, soft_wrap=True)
         return 0 if argv else 2
     name, args = argv[0], normalise_flags(argv[1:])
     if name not in COMMANDS:
-        console.print(f"simpo-robot: unknown subcommand {name!r}.\n\n{_usage()}", markup=False, highlight=False)
+        console.print(f"simpo-robot: unknown subcommand {name!r}.\n\n{_usage()}", markup=False, highlight=False, soft_wrap=True)
         return 2
     cmd = COMMANDS[name]
     module = importlib.import_module(cmd.module)
@@ -93,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = draccus.parse(config_class=config_cls, args=args, prog=f"simpo-robot {name}")
     except draccus.utils.ParsingError as exc:
         # draccus wraps the config's own validation error; show that one, it says what to fix.
-        console.print(f"simpo-robot {name}: invalid arguments: {_config_error(exc)}", markup=False, highlight=False)
+        console.print(f"simpo-robot {name}: invalid arguments: {_config_error(exc)}", markup=False, highlight=False, soft_wrap=True)
         return 2
     try:
         run(cfg)
     except SimpoRobotError as exc:
-        console.print(f"simpo-robot {name}: error: {exc}", markup=False, highlight=False)
+        console.print(f"simpo-robot {name}: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         log.warning("interrupted")

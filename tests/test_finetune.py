@@ -126,3 +126,41 @@ def test_finetune_policy_that_does_not_fit_the_task(tiny_push, tmp_path, capsys)
     code = main(["finetune", "--policy", str(tiny_push), "--task", "fetch_reach", "--out", str(tmp_path / "x")])
     assert code == 1
     assert "observation.environment_state" in capsys.readouterr().err
+
+
+def _run(tiny_push, out, env_steps, *extra):
+    args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--env-steps", str(env_steps),
+            "--learning-starts", "50", "--num-envs", "2", "--final-eval-episodes", "1", "--eval-every", "0",
+            "--checkpoint-every", "100", "--batch-size", "8", "--actor-batch-size", "2", "--simpo.particles", "4",
+            "--simpo.refresh-every", "3", "--out", str(out), *extra]
+    assert main(args) == 0
+
+
+def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tiny_push, tmp_path):
+    from safetensors.torch import load_file
+
+    _run(tiny_push, tmp_path / "straight", 200)
+    _run(tiny_push, tmp_path / "interrupted", 100)  # stops (and checkpoints) after the first episodes
+    assert (tmp_path / "interrupted" / "checkpoints" / "last" / "trainer_rank0.pt").is_file()
+    _run(tiny_push, tmp_path / "interrupted", 200, "--resume", str(tmp_path / "interrupted"))
+    straight = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "interrupted" / "final" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    s1 = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "interrupted" / "summary.json").read_text())
+    for key in ("env_steps", "critic_updates", "actor_updates", "skipped_updates"):
+        assert s1[key] == s2[key], key
+    # the checkpoint folder holds exactly one complete state (no half-written leftovers)
+    assert sorted(p.name for p in (tmp_path / "interrupted" / "checkpoints").iterdir()) == ["last"]
+
+
+def test_resume_refuses_a_different_command_and_a_missing_checkpoint(tiny_push, tmp_path, capsys):
+    _run(tiny_push, tmp_path / "run", 100)
+    args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--weighting", "exp",
+            "--resume", str(tmp_path / "run")]
+    assert main(args) == 1
+    assert "weighting" in capsys.readouterr().err
+    assert main(["finetune", "--policy", str(tiny_push), "--resume", str(tmp_path / "nothing")]) == 1
+    assert "no checkpoint" in capsys.readouterr().err

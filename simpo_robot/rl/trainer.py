@@ -107,6 +107,10 @@ class FinetuneConfig:
     """Evaluation episode i resets with seed eval_seed + i (same episodes before and after)."""
     log_every: int = 10
     """Chunks (MDP steps) between metric lines."""
+    checkpoint_every: int = 10_000
+    """Env steps between resumable checkpoints (OUT/checkpoints/last), taken at episode boundaries."""
+    resume: Path | None = None
+    """Resume the run in this folder from its last checkpoint (rerun the same command with --resume OUT)."""
     device: str | None = None
     """torch device; default: Accelerate's choice (cuda when available)."""
     torch_threads: int = 1
@@ -125,12 +129,20 @@ class FinetuneConfig:
                      "actor_batch_size", "final_eval_episodes", "eval_episodes", "log_every", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_starts < 0 or self.eval_every < 0:
-            raise ValueError("learning_starts and eval_every must be >= 0")
+        if self.learning_starts < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("learning_starts, eval_every and checkpoint_every must be >= 0")
+        if self.resume is not None:
+            self.out = Path(self.resume)
         if not (0 < self.gamma <= 1 and 0 < self.tau <= 1):
             raise ValueError("gamma and tau must be in (0, 1]")
         if not (self.actor_lr > 0 and self.critic_lr > 0 and self.grad_clip > 0):
             raise ValueError("actor_lr, critic_lr and grad_clip must be > 0")
+
+
+# Fields that may differ between a run and its resumption (everything else must match).
+RESUMABLE_CHANGES = {"env_steps", "resume", "overwrite", "eval_every", "eval_episodes", "final_eval_episodes",
+                     "log_every", "checkpoint_every", "device", "torch_threads"}
+CONFIG_FILE = "finetune_config.json"
 
 
 @dataclass
@@ -221,9 +233,71 @@ class Rollout:
                                 self.history.env_state[keep].cpu())
         return transition, int(alive.sum())
 
+    def state_dict(self) -> dict:
+        """Only valid at an episode boundary: the next episode is fully determined by its index."""
+        if self.envs is not None and not self.done.all():
+            raise RuntimeError("rollout state can only be saved between episodes")
+        return {"episode_index": self.episode_index, "recent_success": list(self.recent_success)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.episode_index = state["episode_index"]
+        self.recent_success.extend(state["recent_success"])
+
+    @property
+    def between_episodes(self) -> bool:
+        return self.envs is None or bool(self.done.all())
+
     def close(self) -> None:
         if self.envs is not None:
             self.envs.close()
+
+
+def _config_dict(cfg: FinetuneConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def _check_resumable(cfg: FinetuneConfig, out: Path) -> Path:
+    """The checkpoint to resume from; the saved config must match the command line (but RESUMABLE_CHANGES)."""
+    ckpt = out / "checkpoints" / "last"
+    if not (ckpt / "trainer_rank0.pt").is_file() or not (out / CONFIG_FILE).is_file():
+        raise SimpoRobotError(f"--resume {out}: no checkpoint there ({ckpt} is missing or incomplete); "
+                              "start a new run without --resume.")
+    saved = json.loads((out / CONFIG_FILE).read_text())
+    current = _config_dict(cfg)
+    differ = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if differ:
+        details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in differ)
+        raise SimpoRobotError(f"--resume {out}: the command differs from the run's ({details}); rerun the same "
+                              "command with --resume.")
+    return ckpt
+
+
+def _all_finite(*modules: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
+
+
+def _save_checkpoint(accelerator, out: Path, rank_state: dict, modules: tuple) -> bool:
+    """Resumable state into OUT/checkpoints/last, atomically: written aside, then swapped in by rename."""
+    if not _all_finite(*modules):
+        log.error("parameters are not finite: checkpoint not saved (the last good one is kept)")
+        return False
+    root = out / "checkpoints"
+    tmp, last, old = root / ".incoming", root / "last", root / ".previous"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    torch.save(rank_state, tmp / f"trainer_rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(old, ignore_errors=True)
+        if last.exists():
+            last.rename(old)
+        tmp.rename(last)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return True
 
 
 def _grad_ok(accelerator, params, max_norm: float) -> bool:
@@ -240,8 +314,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from simpo_robot.policy_io import LoadedPolicy, load_policy, save_policy
 
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise SimpoRobotError(f"{out} is not empty; pass --overwrite true or choose another --out.")
+    if cfg.resume is not None:
+        resume_from = _check_resumable(cfg, out)
+    elif out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise SimpoRobotError(f"{out} is not empty; pass --overwrite true, --resume {out}, or another --out.")
+        shutil.rmtree(out)
     torch.set_num_threads(cfg.torch_threads)
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     device = torch.device(cfg.device) if cfg.device else accelerator.device
@@ -267,6 +345,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)
     temp_opt = torch.optim.Adam(temperature.parameters(), lr=cfg.simpo.temperature_lr)
     objective, critic, actor_opt, critic_opt = accelerator.prepare(objective, critic, actor_opt, critic_opt)
+    # Identical on every rank (updated from synced modules / gathered weights): saved once with the state.
+    for obj in (critic_target, pi_old, temperature, temp_opt):
+        accelerator.register_for_checkpointing(obj)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     cpu_generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
@@ -281,17 +362,35 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         policy.train()
         return result
 
-    log.info("fine-tuning %s on %s with %s (weighting %s, b=%g) for %d env steps on %d process(es)",
-             cfg.policy, spec.name, cfg.algo, cfg.weighting, cfg.negative_bound, cfg.env_steps, world)
-    before = evaluate(cfg.final_eval_episodes) if accelerator.is_main_process else None
-    curve = [(0, 100 * before.success_rate)] if before else []
-    if before:
-        logger.log(0, {"eval/pc_success": 100 * before.success_rate})
-    next_eval = cfg.eval_every if cfg.eval_every else math.inf
     buffer: ReplayBuffer | None = None
     losses: dict[str, float] = {}
-    start = time.perf_counter()
-    sim_seconds = particle_seconds = 0.0
+    sim_seconds = particle_seconds = elapsed = 0.0
+    if cfg.resume is not None:
+        accelerator.load_state(str(resume_from))
+        state = torch.load(resume_from / f"trainer_rank{rank}.pt", weights_only=False)
+        counters = Counters(**state["counters"])
+        rollout.load_state_dict(state["rollout"])
+        generator.set_state(state["generator"])
+        cpu_generator.set_state(state["cpu_generator"])
+        if state["buffer"] is not None:
+            buffer = ReplayBuffer(cfg.buffer_size, Transition(**{k: v[:1] for k, v in state["buffer"]["storage"].items()}))
+            buffer.load_state_dict(state["buffer"])
+        before, curve = state["before"], [tuple(p) for p in state["curve"]]
+        sim_seconds, particle_seconds, elapsed = state["sim_seconds"], state["particle_seconds"], state["elapsed"]
+        log.info("resumed %s at %d env steps", out, counters.env_steps)
+    else:
+        log.info("fine-tuning %s on %s with %s (weighting %s, b=%g) for %d env steps on %d process(es)",
+                 cfg.policy, spec.name, cfg.algo, cfg.weighting, cfg.negative_bound, cfg.env_steps, world)
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / CONFIG_FILE).write_text(json.dumps(_config_dict(cfg), indent=2))
+        before = _success_block(evaluate(cfg.final_eval_episodes), cfg) if accelerator.is_main_process else None
+        curve = [(0, before["pc_success"])] if before else []
+        if before:
+            logger.log(0, {"eval/pc_success": before["pc_success"]})
+    next_eval = (counters.env_steps // cfg.eval_every + 1) * cfg.eval_every if cfg.eval_every else math.inf
+    next_ckpt = (counters.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every if cfg.checkpoint_every else math.inf
+    start = time.perf_counter() - elapsed  # wall time counts across resumptions
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=console, transient=True, disable=not accelerator.is_main_process) as progress:
@@ -353,7 +452,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                             counters.skipped_updates += 1
                     else:
                         counters.skipped_updates += 1
-                    temp_loss = temperature.loss(ab.normalised)
+                    temp_loss = temperature.loss(accelerator.gather(ab.normalised))  # same lambda on every rank
                     temp_opt.zero_grad(set_to_none=True)
                     temp_loss.backward()
                     temp_opt.step()
@@ -386,6 +485,21 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     log.info("env steps %d: success %.1f%% over %d episodes", counters.env_steps,
                              100 * result.success_rate, cfg.eval_episodes)
                 accelerator.wait_for_everyone()
+
+            # --- checkpoint (between episodes, so the envs' next state is given by the episode seeds) --
+            # (also at the end of the run, so that a finished run can be extended with --resume)
+            at_end = counters.env_steps >= cfg.env_steps
+            if (counters.env_steps >= next_ckpt or at_end) and rollout.between_episodes and cfg.checkpoint_every:
+                next_ckpt = (counters.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+                rank_state = {
+                    "counters": asdict(counters), "rollout": rollout.state_dict(),
+                    "generator": generator.get_state(), "cpu_generator": cpu_generator.get_state(),
+                    "buffer": buffer.state_dict() if buffer is not None else None,
+                    "before": before, "curve": curve, "sim_seconds": sim_seconds,
+                    "particle_seconds": particle_seconds, "elapsed": time.perf_counter() - start,
+                }
+                if _save_checkpoint(accelerator, out, rank_state, (objective, critic)):
+                    log.info("checkpoint at %d env steps", counters.env_steps)
     rollout.close()
     wall = time.perf_counter() - start
 
@@ -393,6 +507,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         after = evaluate(cfg.final_eval_episodes)
         curve.append((counters.env_steps, 100 * after.success_rate))
+        if not _all_finite(objective, critic):
+            raise SimpoRobotError("the fine-tuned parameters are not finite; nothing was saved. The last good "
+                                  f"resumable state is in {out / 'checkpoints' / 'last'}.")
         logger.log(counters.env_steps, {"eval/pc_success": 100 * after.success_rate})
         summary = _write_outputs(cfg, out, spec, policy, pre, post, save_policy, before, after, curve, counters, wall,
                                  sim_seconds, particle_seconds)
@@ -402,14 +519,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return summary
 
 
+def _success_block(result, cfg: FinetuneConfig) -> dict[str, Any]:
+    lo, hi = result.ci95
+    return {"pc_success": 100 * result.success_rate, "n_episodes": len(result.per_episode),
+            "first_seed": cfg.eval_seed, "ci95": [100 * lo, 100 * hi]}
+
+
 def _write_outputs(cfg, out, spec, policy, pre, post, save_policy, before, after, curve, counters, wall,
                    sim_seconds, particle_seconds) -> dict[str, Any]:
     """Write final/ (shareable artifact + training_info.json + curve), eval_info.json and the curve PNG."""
-    def success_block(result):
-        lo, hi = result.ci95
-        return {"pc_success": 100 * result.success_rate, "n_episodes": len(result.per_episode),
-                "first_seed": cfg.eval_seed, "ci95": [100 * lo, 100 * hi]}
-
     final = out / "final"
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -420,7 +538,7 @@ def _write_outputs(cfg, out, spec, policy, pre, post, save_policy, before, after
         "base_model": str(cfg.policy), "task": spec.name, "algorithm": cfg.algo, "weighting": cfg.weighting,
         "weighting_params": {"negative_bound": cfg.negative_bound, **asdict(cfg.simpo)},
         "env_steps": counters.env_steps, "control_hz": spec.fps, "seed": cfg.seed,
-        "success_before": success_block(before), "success_after": success_block(after),
+        "success_before": before, "success_after": _success_block(after, cfg),
         "learning_curve": "learning_curve.png", "curve": curve,
     }
     (tmp / "training_info.json").write_text(json.dumps(info, indent=2))
@@ -429,12 +547,12 @@ def _write_outputs(cfg, out, spec, policy, pre, post, save_policy, before, after
     eval_info = after.to_eval_info(task=spec.name, policy=str(final), seed=cfg.eval_seed)
     (out / "eval_info.json").write_text(json.dumps(eval_info, indent=2))
     summary = {
-        "pc_success_before": 100 * before.success_rate, "pc_success_after": 100 * after.success_rate,
+        "pc_success_before": before["pc_success"], "pc_success_after": 100 * after.success_rate,
         "env_steps": counters.env_steps, "wall_s": wall, "env_steps_per_s": counters.env_steps / wall,
         "sim_s": sim_seconds, "particle_s": particle_seconds, "curve": curve, **asdict(counters),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("success %.1f%% -> %.1f%% (%d episodes, seeds %d..) in %d env steps, %.0f s; wrote %s",
-             100 * before.success_rate, 100 * after.success_rate, len(after.per_episode), cfg.eval_seed,
+             before["pc_success"], 100 * after.success_rate, len(after.per_episode), cfg.eval_seed,
              counters.env_steps, wall, final)
     return summary
