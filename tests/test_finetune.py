@@ -164,3 +164,26 @@ def test_resume_refuses_a_different_command_and_a_missing_checkpoint(tiny_push, 
     assert "weighting" in capsys.readouterr().err
     assert main(["finetune", "--policy", str(tiny_push), "--resume", str(tmp_path / "nothing")]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_two_processes_keep_parameters_identical_and_double_env_steps_per_update(tiny_push, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def summary(out, launcher):
+        args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--env-steps", "400",
+                "--learning-starts", "100", "--num-envs", "2", "--final-eval-episodes", "1", "--eval-every", "0",
+                "--checkpoint-every", "200", "--batch-size", "8", "--actor-batch-size", "2",
+                "--simpo.particles", "4", "--out", str(out)]
+        proc = subprocess.run([*launcher, "-m", "simpo_robot", *args], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((out / "summary.json").read_text())
+
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    two = summary(tmp_path / "two", [accelerate, "launch", "--multi_gpu", "--num_processes", "2"])
+    one = summary(tmp_path / "one", [sys.executable])
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
+    assert two["rank_param_divergence"] == 0.0  # DDP kept every parameter identical across ranks
+    assert two["env_steps"] == one["env_steps"] == 400
+    assert one["critic_updates"] == 2 * two["critic_updates"]  # twice the env steps per update

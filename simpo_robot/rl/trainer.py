@@ -300,6 +300,18 @@ def _save_checkpoint(accelerator, out: Path, rank_state: dict, modules: tuple) -
     return True
 
 
+def _everyone(accelerator, flag: bool, device) -> bool:
+    """True when `flag` holds on every process (a collective: all ranks must call it)."""
+    return bool(accelerator.gather(torch.tensor([int(flag)], device=device)).min() == 1)
+
+
+def _rank_divergence(accelerator, *modules: torch.nn.Module) -> float:
+    """Largest difference of any parameter between processes (0 when DDP keeps them in sync)."""
+    flat = torch.cat([p.detach().flatten().float() for m in modules for p in m.parameters()]).unsqueeze(0)
+    gathered = accelerator.gather(flat)  # (world, P)
+    return float((gathered - gathered[:1]).abs().max())
+
+
 def _grad_ok(accelerator, params, max_norm: float) -> bool:
     norm = accelerator.clip_grad_norm_(params, max_norm)
     return bool(torch.isfinite(torch.as_tensor(norm)).all())
@@ -321,7 +333,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             raise SimpoRobotError(f"{out} is not empty; pass --overwrite true, --resume {out}, or another --out.")
         shutil.rmtree(out)
     torch.set_num_threads(cfg.torch_threads)
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    # Without CUDA, cpu=True lets Accelerate pick MULTI_CPU (gloo) under torchrun / accelerate launch.
+    accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = torch.device(cfg.device) if cfg.device else accelerator.device
     set_seed(cfg.seed, device_specific=True)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -337,7 +350,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     algo = Simpo(cfg.simpo, cfg.weighting, cfg.negative_bound, actor)
     obs_dim = actor.n_obs_steps * sum(f.shape[0] for f in loaded.config.input_features.values())
     critic = TwinCritic(obs_dim, actor.n_action_steps * actor.action_dim, tuple(cfg.critic_hidden)).to(device)
-    critic_target = copy.deepcopy(critic).requires_grad_(False)
     pi_old = copy.deepcopy(actor.unet).requires_grad_(False)
     temperature = LearnedTemperature(cfg.simpo.init_temperature, cfg.simpo.target_kl).to(device)
     objective = DenoisingObjective(actor.unet, cfg.simpo.loss_clip)
@@ -345,6 +357,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)
     temp_opt = torch.optim.Adam(temperature.parameters(), lr=cfg.simpo.temperature_lr)
     objective, critic, actor_opt, critic_opt = accelerator.prepare(objective, critic, actor_opt, critic_opt)
+    # After prepare: DDP has broadcast rank 0's initial critic, so every rank's target starts equal.
+    critic_target = copy.deepcopy(accelerator.unwrap_model(critic)).requires_grad_(False)
     # Identical on every rank (updated from synced modules / gathered weights): saved once with the state.
     for obj in (critic_target, pi_old, temperature, temp_opt):
         accelerator.register_for_checkpointing(obj)
@@ -489,7 +503,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             # --- checkpoint (between episodes, so the envs' next state is given by the episode seeds) --
             # (also at the end of the run, so that a finished run can be extended with --resume)
             at_end = counters.env_steps >= cfg.env_steps
-            if (counters.env_steps >= next_ckpt or at_end) and rollout.between_episodes and cfg.checkpoint_every:
+            if (counters.env_steps >= next_ckpt or at_end) and cfg.checkpoint_every and _everyone(
+                    accelerator, rollout.between_episodes, device):
                 next_ckpt = (counters.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
                 rank_state = {
                     "counters": asdict(counters), "rollout": rollout.state_dict(),
@@ -502,6 +517,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     log.info("checkpoint at %d env steps", counters.env_steps)
     rollout.close()
     wall = time.perf_counter() - start
+    divergence = _rank_divergence(accelerator, objective, critic, critic_target, pi_old, temperature)
+    if divergence > 0:
+        log.error("parameters differ between processes by up to %g: gradient sync is broken", divergence)
 
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
@@ -513,6 +531,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         logger.log(counters.env_steps, {"eval/pc_success": 100 * after.success_rate})
         summary = _write_outputs(cfg, out, spec, policy, pre, post, save_policy, before, after, curve, counters, wall,
                                  sim_seconds, particle_seconds)
+        summary |= {"num_processes": world, "rank_param_divergence": divergence}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
