@@ -1,7 +1,7 @@
-"""SiMPO's actor update for chunked diffusion policies (the algorithm plugged into the trainer).
+"""SiMPO for chunked diffusion policies: the off-policy agent plugged into the trainer.
 
 Shape glossary
-    B   states in the actor batch
+    B   states in a batch
     N   particles per state
     O   n_obs_steps; H horizon; Da action dim; C global conditioning dim; Do, Dc critic input dims
 
@@ -12,19 +12,25 @@ Per actor update (SIMPO.md, two-stage measure matching):
     3. w = N * solve_weights(Q, lambda, g, b).weights   (mean weight 1 per state);
     4. loss = weighted denoising loss of the current model on the particles, one random diffusion
        timestep per particle (all denoising steps are trained), per-element clipped squared error;
-    5. lambda learned toward a target KL of the weights from uniform.
+    5. lambda learned toward a target KL of the weights from uniform (gathered over processes).
+Critic: twin Q on (observation history, executed chunk), TD target with clipped double Q and one next
+chunk from the current actor (particle sampler), EMA targets.
 """
 
+import copy
+import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from simpo_robot.rl.actor import DiffusionActor, sample_chunks, step_tables
-from simpo_robot.rl.critic import TwinCritic
-from simpo_robot.rl.replay import Transition
-from simpo_robot.simpo import diffuse, solve_weights, weight_kl_from_uniform
+from simpo_robot.rl.actor import DenoisingObjective, DiffusionActor, sample_chunks, step_tables
+from simpo_robot.rl.agent import ChunkBatch, Stepper
+from simpo_robot.rl.critic import TwinCritic, ema_update, td_target
+from simpo_robot.rl.replay import ReplayBuffer, Transition
+from simpo_robot.simpo import LearnedTemperature, diffuse, solve_weights, weight_kl_from_uniform
 from simpo_robot.simpo.weighting import WEIGHTINGS
 
 
@@ -46,18 +52,39 @@ class SimpoConfig:
     temperature_lr: float = 3e-3
     loss_clip: float = 5.0
     """Per-element bound on the squared denoising error (bounds the repulsive term)."""
+    buffer_size: int = 100_000
+    """Replay capacity in chunk transitions."""
+    learning_starts: int = 2_000
+    """Env steps collected before the first update."""
+    critic_updates: int = 4
+    """Critic updates per collected chunk (across all envs of a process)."""
+    actor_every: int = 2
+    """Critic updates per actor update."""
+    batch_size: int = 256
+    """Critic batch (transitions)."""
+    actor_batch_size: int = 32
+    """States per actor update (each with `particles` particles)."""
+    actor_lr: float = 3e-5
+    critic_lr: float = 3e-4
+    tau: float = 0.005
+    """EMA rate of the target critics."""
+    critic_hidden: tuple[int, ...] = (256, 256)
 
     def __post_init__(self):
-        if self.particles < 1 or self.particle_steps < 1 or self.refresh_every < 1:
-            raise ValueError("particles, particle_steps and refresh_every must be >= 1")
-        if self.particle_noise < 0 or self.target_kl < 0 or not self.loss_clip > 0:
-            raise ValueError("particle_noise and target_kl must be >= 0 and loss_clip > 0")
-        if not (self.init_temperature > 0 and self.temperature_lr > 0):
-            raise ValueError("init_temperature and temperature_lr must be > 0")
+        for name in ("particles", "particle_steps", "refresh_every", "buffer_size", "critic_updates",
+                     "actor_every", "batch_size", "actor_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"simpo.{name} must be >= 1, got {getattr(self, name)}")
+        if self.particle_noise < 0 or self.target_kl < 0 or not self.loss_clip > 0 or self.learning_starts < 0:
+            raise ValueError("simpo.particle_noise, target_kl and learning_starts must be >= 0, loss_clip > 0")
+        if not (self.init_temperature > 0 and self.temperature_lr > 0 and self.actor_lr > 0 and self.critic_lr > 0):
+            raise ValueError("simpo.init_temperature and the learning rates must be > 0")
+        if not 0 < self.tau <= 1:
+            raise ValueError(f"simpo.tau must be in (0, 1], got {self.tau}")
 
 
 class ActorBatch(NamedTuple):
-    """What the trainer feeds the DenoisingObjective, and the weights for the temperature loss."""
+    """What the DenoisingObjective is fed, and the weights for the temperature loss."""
 
     noisy: Tensor
     """(B*N, H, Da)"""
@@ -80,50 +107,151 @@ def critic_obs(state: Tensor, env_state: Tensor) -> Tensor:
     return torch.cat([state, env_state], dim=-1).flatten(1)
 
 
-class Simpo:
-    """SiMPO (any weighting from simpo_robot.simpo; `exp` is the softmax baseline)."""
+class SimpoAgent:
+    """SiMPO with any weighting from simpo_robot.simpo (`exp` is the softmax-reweighting baseline)."""
 
-    def __init__(self, cfg: SimpoConfig, weighting: str, negative_bound: float, actor: DiffusionActor):
+    name = "simpo"
+
+    def __init__(self, cfg: SimpoConfig, weighting: str, negative_bound: float, actor: DiffusionActor,
+                 obs_dim: int, device: torch.device):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; choose from {sorted(WEIGHTINGS)}")
         if not negative_bound <= 0:
             raise ValueError(f"negative_bound must be <= 0, got {negative_bound}")
-        self.cfg = cfg
-        self.weighting = weighting
-        self.negative_bound = negative_bound
-        self.actor = actor
-        self.tables = step_tables(actor.policy.config, cfg.particle_steps, scheduler="DDIM")
+        self.cfg, self.weighting, self.negative_bound, self.actor, self.device = (
+            cfg, weighting, negative_bound, actor, device)
+        self.particle_tables = step_tables(actor.policy.config, cfg.particle_steps, scheduler="DDIM")
+        self.act_tables = step_tables(actor.policy.config)  # the policy's own sampler for acting
+        self.critic = TwinCritic(obs_dim, actor.n_action_steps * actor.action_dim, tuple(cfg.critic_hidden)).to(device)
+        self.objective = DenoisingObjective(actor.unet, cfg.loss_clip)
+        self.pi_old = copy.deepcopy(actor.unet).requires_grad_(False)
+        self.temperature = LearnedTemperature(cfg.init_temperature, cfg.target_kl).to(device)
+        self.actor_opt = torch.optim.Adam(self.objective.parameters(), lr=cfg.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
+        self.temp_opt = torch.optim.Adam(self.temperature.parameters(), lr=cfg.temperature_lr)
+        self.critic_target: TwinCritic | None = None
+        self.buffer: ReplayBuffer | None = None
+        self.critic_updates = 0
+        self.actor_updates = 0
+        self.particle_seconds = 0.0
 
+    # --- trainer plumbing --------------------------------------------------------------------------
+    def modules_to_prepare(self) -> dict[str, Any]:
+        return {"objective": self.objective, "critic": self.critic, "actor_opt": self.actor_opt,
+                "critic_opt": self.critic_opt}
+
+    def set_prepared(self, prepared: dict[str, Any], unwrap) -> None:
+        for name, obj in prepared.items():
+            setattr(self, name, obj)
+        # After prepare: DDP has broadcast rank 0's initial critic, so every rank's target starts equal.
+        self.critic_target = copy.deepcopy(unwrap(self.critic)).requires_grad_(False)
+
+    def shared_state(self) -> list[Any]:
+        return [self.critic_target, self.pi_old, self.temperature, self.temp_opt]
+
+    def synced_modules(self) -> list[nn.Module]:
+        return [self.objective, self.critic, self.critic_target, self.pi_old, self.temperature]
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict() if self.buffer is not None else None,
+                "critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
+                "particle_seconds": self.particle_seconds}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        if state["buffer"] is not None:
+            example = Transition(**{k: v[:1] for k, v in state["buffer"]["storage"].items()})
+            self.buffer = ReplayBuffer(self.cfg.buffer_size, example)
+            self.buffer.load_state_dict(state["buffer"])
+        self.critic_updates, self.actor_updates = state["critic_updates"], state["actor_updates"]
+        self.particle_seconds = state["particle_seconds"]
+
+    # --- acting and data ---------------------------------------------------------------------------
+    def act(self, cond: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        chunk = sample_chunks(self.actor.unet, cond, self.act_tables, self.actor.horizon, self.actor.action_dim,
+                              generator)
+        return chunk, {}
+
+    def observe(self, batch: ChunkBatch) -> None:
+        live = Transition(*(x[batch.live] for x in batch.transition))
+        if self.buffer is None:
+            self.buffer = ReplayBuffer(self.cfg.buffer_size, live)
+        self.buffer.add(live)
+
+    def ready(self, env_steps: int) -> bool:
+        return env_steps >= self.cfg.learning_starts and self.buffer is not None
+
+    # --- updates -----------------------------------------------------------------------------------
     def sample_particles(self, unet: nn.Module, cond: Tensor, generator: torch.Generator) -> Tensor:
         """cond (M, C) -> (M, H, Da) chunks from `unet` with the cheap particle sampler."""
-        return sample_chunks(unet, cond, self.tables, self.actor.horizon, self.actor.action_dim, generator)
+        return sample_chunks(unet, cond, self.particle_tables, self.actor.horizon, self.actor.action_dim, generator)
 
     @torch.no_grad()
-    def actor_batch(self, batch: Transition, critic: TwinCritic, pi_old: nn.Module, temperature: float,
-                    generator: torch.Generator) -> ActorBatch:
-        n = self.cfg.particles
-        b = batch.state.shape[0]
+    def actor_batch(self, batch: Transition, generator: torch.Generator) -> ActorBatch:
+        n, b = self.cfg.particles, batch.state.shape[0]
         cond = self.actor.global_cond(batch.state, batch.env_state).repeat_interleave(n, dim=0)  # (B*N, C)
-        particles = self.sample_particles(pi_old, cond, generator)
+        particles = self.sample_particles(self.pi_old, cond, generator)
         if self.cfg.particle_noise > 0:
             particles = particles + self.cfg.particle_noise * torch.randn(
                 particles.shape, generator=generator, device=particles.device)
-        bound = self.tables.clip_range or 1.0
+        bound = self.particle_tables.clip_range or 1.0
         particles = particles.clamp(-bound, bound)
         obs = critic_obs(batch.state, batch.env_state).repeat_interleave(n, dim=0)
-        q1, q2 = critic(obs, self.actor.executed(particles).flatten(1))
+        q1, q2 = self.critic(obs, self.actor.executed(particles).flatten(1))
         q = (0.5 * (q1 + q2)).reshape(b, n)
-        normalised = solve_weights(q, temperature, self.weighting, self.negative_bound).weights
+        normalised = solve_weights(q, self.temperature.value, self.weighting, self.negative_bound).weights
         noise = torch.randn(particles.shape, generator=generator, device=particles.device)
         t = torch.randint(0, len(self.actor.alphas_cumprod), (b * n,), generator=generator, device=particles.device)
         noisy = diffuse(self.actor.alphas_cumprod, particles, noise, t)
         return ActorBatch(noisy, t, cond, noise, n * normalised.reshape(-1), normalised, q)
 
-    @staticmethod
-    def metrics(ab: ActorBatch) -> dict[str, float]:
-        return {
-            "simpo/weight_kl": weight_kl_from_uniform(ab.normalised).mean().item(),
-            "simpo/negative_mass": ab.normalised.clamp(max=0).abs().sum(-1).mean().item(),
-            "simpo/max_weight": ab.weights.max().item(),
-            "simpo/q_std": ab.q.std(dim=-1).mean().item(),
-        }
+    def critic_loss(self, batch: Transition, generator: torch.Generator) -> Tensor:
+        with torch.no_grad():
+            next_cond = self.actor.global_cond(batch.next_state, batch.next_env_state)
+            next_chunk = self.sample_particles(self.actor.unet, next_cond, generator)
+            next_q = self.critic_target(critic_obs(batch.next_state, batch.next_env_state),
+                                        self.actor.executed(next_chunk).flatten(1))
+            target = td_target(batch.reward, batch.discount, next_q)
+        q = self.critic(critic_obs(batch.state, batch.env_state), self.actor.executed(batch.chunk).flatten(1))
+        return F.mse_loss(q.q1, target) + F.mse_loss(q.q2, target)
+
+    def update(self, step: Stepper, gather, generator: torch.Generator, cpu_generator: torch.Generator,
+               unwrap) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for _ in range(self.cfg.critic_updates):
+            batch = self._sample(self.cfg.batch_size, cpu_generator)
+            loss = self.critic_loss(batch, generator)
+            if step(loss, self.critic_opt, self.critic):
+                ema_update(self.critic_target, unwrap(self.critic), self.cfg.tau)
+            self.critic_updates += 1
+            metrics["losses/critic"] = loss.item()
+            if self.critic_updates % self.cfg.actor_every:
+                continue
+            if self.actor_updates % self.cfg.refresh_every == 0:
+                self.pi_old.load_state_dict(self.actor.unet.state_dict())
+            start = time.perf_counter()
+            ab = self.actor_batch(self._sample(self.cfg.actor_batch_size, cpu_generator), generator)
+            self.particle_seconds += time.perf_counter() - start
+            actor_loss = self.objective(ab.noisy, ab.timesteps, ab.global_cond, ab.noise, ab.weights)
+            step(actor_loss, self.actor_opt, self.objective)
+            temp_loss = self.temperature.loss(gather(ab.normalised))  # the same lambda on every rank
+            self.temp_opt.zero_grad(set_to_none=True)
+            temp_loss.backward()
+            self.temp_opt.step()
+            self.actor_updates += 1
+            metrics |= {
+                "losses/actor": actor_loss.item(), "losses/temperature": temp_loss.item(),
+                "charts/temperature": self.temperature.value,
+                "simpo/weight_kl": weight_kl_from_uniform(ab.normalised).mean().item(),
+                "simpo/negative_mass": ab.normalised.clamp(max=0).abs().sum(-1).mean().item(),
+                "simpo/max_weight": ab.weights.max().item(),
+                "simpo/q_std": ab.q.std(dim=-1).mean().item(),
+                "charts/particle_s": self.particle_seconds,
+            }
+        return metrics
+
+    def _sample(self, batch_size: int, cpu_generator: torch.Generator) -> Transition:
+        return Transition(*(x.to(self.device) for x in self.buffer.sample(batch_size, cpu_generator)))
+
+    def summary(self) -> dict[str, Any]:
+        return {"critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
+                "particle_s": self.particle_seconds}

@@ -13,7 +13,6 @@ all-reduced through the prepared modules (the critic and the DenoisingObjective 
 UNet); metrics are gathered; only the main process writes.
 """
 
-import copy
 import json
 import logging
 import math
@@ -26,17 +25,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from simpo_robot.errors import SimpoRobotError
 from simpo_robot.logging_utils import console
-from simpo_robot.rl.actor import DenoisingObjective, DiffusionActor, sample_chunks, step_tables
+from simpo_robot.rl.actor import DiffusionActor
+from simpo_robot.rl.agent import Agent, ChunkBatch
 from simpo_robot.rl.chunks import chunk_return
-from simpo_robot.rl.critic import TwinCritic, ema_update, td_target
+from simpo_robot.rl.dppo import DppoAgent, DppoConfig
 from simpo_robot.rl.metrics import MetricsLogger, plot_learning_curve
-from simpo_robot.rl.replay import ReplayBuffer, Transition
-from simpo_robot.rl.simpo import Simpo, SimpoConfig, critic_obs
-from simpo_robot.simpo import LearnedTemperature
+from simpo_robot.rl.replay import Transition
+from simpo_robot.rl.simpo import SimpoAgent, SimpoConfig
 from simpo_robot.simpo.weighting import WEIGHTINGS
 from simpo_robot.tasks import (
     OBS_ENV_STATE,
@@ -49,7 +47,7 @@ from simpo_robot.tasks import (
 
 log = logging.getLogger(__name__)
 
-ALGOS = ("simpo",)
+ALGOS = ("simpo", "dppo")
 
 
 @dataclass
@@ -61,7 +59,7 @@ class FinetuneConfig:
     task: str = "fetch_push"
     """Task name (tasks/<name>.yaml) or path to a task file."""
     algo: str = "simpo"
-    """Algorithm: simpo (with --weighting exp it is the softmax-reweighting baseline)."""
+    """Algorithm: simpo (with --weighting exp it is the softmax-reweighting baseline) or dppo."""
     weighting: str = "linear"
     """SiMPO weighting g: exp, linear, square, tanh, sigmoid, leaky_relu, clipped_linear."""
     negative_bound: float = -0.5
@@ -77,26 +75,10 @@ class FinetuneConfig:
     """Parallel environments per process."""
     gamma: float = 0.99
     """Discount per env step (one chunk of S steps is discounted by gamma^S)."""
-    buffer_size: int = 100_000
-    """Replay capacity in chunk transitions."""
-    learning_starts: int = 2_000
-    """Env steps collected before the first update."""
-    critic_updates: int = 4
-    """Critic updates per collected chunk (across all envs of a process)."""
-    actor_every: int = 2
-    """Critic updates per actor update."""
-    batch_size: int = 256
-    """Critic batch (transitions)."""
-    actor_batch_size: int = 32
-    """States per actor update (each with `simpo.particles` particles)."""
-    actor_lr: float = 3e-5
-    critic_lr: float = 3e-4
-    tau: float = 0.005
-    """EMA rate of the target critics."""
-    critic_hidden: tuple[int, ...] = (256, 256)
     grad_clip: float = 1.0
-    """Max gradient norm (actor and critic)."""
+    """Max gradient norm of every update."""
     simpo: SimpoConfig = field(default_factory=SimpoConfig)
+    dppo: DppoConfig = field(default_factory=DppoConfig)
     eval_every: int = 10_000
     """Env steps between evaluations (learning curve); 0 evaluates only before and after."""
     eval_episodes: int = 20
@@ -125,18 +107,15 @@ class FinetuneConfig:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose from {', '.join(sorted(WEIGHTINGS))}")
         if not (math.isfinite(self.negative_bound) and self.negative_bound <= 0):
             raise ValueError(f"negative_bound must be a finite number <= 0, got {self.negative_bound}")
-        for name in ("env_steps", "num_envs", "buffer_size", "critic_updates", "actor_every", "batch_size",
-                     "actor_batch_size", "final_eval_episodes", "eval_episodes", "log_every", "torch_threads"):
+        for name in ("env_steps", "num_envs", "final_eval_episodes", "eval_episodes", "log_every", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_starts < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
-            raise ValueError("learning_starts, eval_every and checkpoint_every must be >= 0")
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("eval_every and checkpoint_every must be >= 0")
+        if not (0 < self.gamma <= 1 and self.grad_clip > 0):
+            raise ValueError("gamma must be in (0, 1] and grad_clip > 0")
         if self.resume is not None:
             self.out = Path(self.resume)
-        if not (0 < self.gamma <= 1 and 0 < self.tau <= 1):
-            raise ValueError("gamma and tau must be in (0, 1]")
-        if not (self.actor_lr > 0 and self.critic_lr > 0 and self.grad_clip > 0):
-            raise ValueError("actor_lr, critic_lr and grad_clip must be > 0")
 
 
 # Fields that may differ between a run and its resumption (everything else must match).
@@ -151,10 +130,10 @@ class Counters:
 
     env_steps: int = 0
     chunks: int = 0
-    critic_updates: int = 0
-    actor_updates: int = 0
+    updates: int = 0
+    """Optimiser steps taken (all networks)."""
     skipped_updates: int = 0
-    episodes: int = 0
+    """Updates skipped because the loss or the gradient was not finite."""
 
 
 class ObsHistory:
@@ -170,13 +149,12 @@ class ObsHistory:
 
 
 class Rollout:
-    """Vectorised envs played chunk by chunk with the current policy; episodes run in lock-step."""
+    """Vectorised envs played chunk by chunk with the agent's sampler; episodes run in lock-step."""
 
     def __init__(self, spec: TaskSpec, actor: DiffusionActor, pre, post, num_envs: int, seed: int, gamma: float,
                  device: torch.device):
         self.spec, self.actor, self.pre, self.post = spec, actor, pre, post
         self.num_envs, self.seed, self.gamma, self.device = num_envs, seed, gamma, device
-        self.tables = step_tables(actor.policy.config)  # the policy's own sampler for acting
         self.envs = None
         self.episode_index = 0
         self.recent_success: deque[float] = deque(maxlen=100)
@@ -195,18 +173,15 @@ class Rollout:
         obs, _ = self.envs.reset(seed=seeds)
         self.history = ObsHistory(*self._normalise(obs), self.actor.n_obs_steps)
         self.done = np.zeros(self.num_envs, bool)
-        self.steps_in_episode = 0
 
     @torch.no_grad()
-    def step_chunk(self, generator: torch.Generator) -> tuple[Transition, int]:
-        """Play one chunk in every live env; returns the transitions of those envs and the env steps taken."""
+    def step_chunk(self, agent: Agent, generator: torch.Generator) -> tuple[ChunkBatch, int]:
+        """Play one chunk in every env; returns the batch (with the live mask) and the env steps taken."""
         if self.envs is None or self.done.all():
             self._reset()
-        live = ~self.done
+        live = torch.from_numpy(~self.done)
         state, env_state = self.history.state.clone(), self.history.env_state.clone()
-        cond = self.actor.global_cond(state, env_state)
-        chunk = sample_chunks(self.actor.unet, cond, self.tables, self.actor.horizon, self.actor.action_dim,
-                              generator)  # (E, H, Da) model space
+        chunk, extras = agent.act(self.actor.global_cond(state, env_state), generator)  # (E, H, Da) model space
         executed = self.actor.executed(chunk)
         e, s, da = executed.shape
         actions = self.post(executed.reshape(e * s, da).cpu()).reshape(e, s, da).numpy()
@@ -227,11 +202,11 @@ class Rollout:
             self.done |= ended
             self.history.push(*self._normalise(obs))
         ret = chunk_return(rewards, alive, terminated, self.gamma)
-        keep = torch.from_numpy(live)
-        transition = Transition(state[keep].cpu(), env_state[keep].cpu(), chunk[keep].cpu(), ret.reward[keep],
-                                ret.discount[keep], self.history.state[keep].cpu(),
-                                self.history.env_state[keep].cpu())
-        return transition, int(alive.sum())
+        transition = Transition(state.cpu(), env_state.cpu(), chunk.cpu(), ret.reward, ret.discount,
+                                self.history.state.cpu(), self.history.env_state.cpu())
+        ended_now = live & torch.from_numpy(self.done)
+        gamma_steps = self.gamma ** ret.steps.to(torch.float32)
+        return ChunkBatch(transition, live, ended_now, gamma_steps, extras), int(alive.sum())
 
     def state_dict(self) -> dict:
         """Only valid at an episode boundary: the next episode is fully determined by its index."""
@@ -339,7 +314,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     set_seed(cfg.seed, device_specific=True)
     rank, world = accelerator.process_index, accelerator.num_processes
 
-    # --- task and policy --------------------------------------------------------------------------
+    # --- task, policy, agent ----------------------------------------------------------------------
     spec = load_task(cfg.task)
     loaded = load_policy(cfg.policy, device=str(device))
     check_policy_fits_task(loaded.config, spec)
@@ -347,24 +322,19 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise SimpoRobotError(f"{cfg.policy} is a {loaded.config.type!r} policy; finetune needs a diffusion policy.")
     policy, pre, post = loaded.policy, loaded.preprocessor, loaded.postprocessor
     actor = DiffusionActor(policy)
-    algo = Simpo(cfg.simpo, cfg.weighting, cfg.negative_bound, actor)
     obs_dim = actor.n_obs_steps * sum(f.shape[0] for f in loaded.config.input_features.values())
-    critic = TwinCritic(obs_dim, actor.n_action_steps * actor.action_dim, tuple(cfg.critic_hidden)).to(device)
-    pi_old = copy.deepcopy(actor.unet).requires_grad_(False)
-    temperature = LearnedTemperature(cfg.simpo.init_temperature, cfg.simpo.target_kl).to(device)
-    objective = DenoisingObjective(actor.unet, cfg.simpo.loss_clip)
-    actor_opt = torch.optim.Adam(objective.parameters(), lr=cfg.actor_lr)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)
-    temp_opt = torch.optim.Adam(temperature.parameters(), lr=cfg.simpo.temperature_lr)
-    objective, critic, actor_opt, critic_opt = accelerator.prepare(objective, critic, actor_opt, critic_opt)
-    # After prepare: DDP has broadcast rank 0's initial critic, so every rank's target starts equal.
-    critic_target = copy.deepcopy(accelerator.unwrap_model(critic)).requires_grad_(False)
-    # Identical on every rank (updated from synced modules / gathered weights): saved once with the state.
-    for obj in (critic_target, pi_old, temperature, temp_opt):
+    if cfg.algo == "simpo":
+        agent = SimpoAgent(cfg.simpo, cfg.weighting, cfg.negative_bound, actor, obs_dim, device)
+    else:
+        agent = DppoAgent(cfg.dppo, cfg.gamma, actor, obs_dim, device)
+    to_prepare = agent.modules_to_prepare()
+    prepared = accelerator.prepare(*to_prepare.values())
+    agent.set_prepared(dict(zip(to_prepare, prepared, strict=True)), accelerator.unwrap_model)
+    # Identical on every rank (updated from synced modules / gathered data): saved once with the state.
+    for obj in agent.shared_state():
         accelerator.register_for_checkpointing(obj)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     cpu_generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-
     rollout = Rollout(spec, actor, pre, post, cfg.num_envs, seed=cfg.seed * 1_000_000 + rank * 100_000,
                       gamma=cfg.gamma, device=device)
     counters = Counters()
@@ -376,25 +346,38 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         policy.train()
         return result
 
-    buffer: ReplayBuffer | None = None
-    losses: dict[str, float] = {}
-    sim_seconds = particle_seconds = elapsed = 0.0
+    def step(loss: torch.Tensor, optimizer, module) -> bool:
+        """Backward, clip, step; a non-finite loss or gradient skips the update (and is counted)."""
+        optimizer.zero_grad(set_to_none=True)
+        # Every rank must take part in backward (its all-reduce), so the skip is decided collectively.
+        if not _everyone(accelerator, bool(torch.isfinite(loss)), device):
+            counters.skipped_updates += 1
+            return False
+        accelerator.backward(loss)
+        if not _grad_ok(accelerator, module.parameters(), cfg.grad_clip):
+            optimizer.zero_grad(set_to_none=True)
+            counters.skipped_updates += 1
+            return False
+        optimizer.step()
+        counters.updates += 1
+        return True
+
+    metrics: dict[str, float] = {}
+    sim_seconds = elapsed = 0.0
     if cfg.resume is not None:
         accelerator.load_state(str(resume_from))
         state = torch.load(resume_from / f"trainer_rank{rank}.pt", weights_only=False)
         counters = Counters(**state["counters"])
         rollout.load_state_dict(state["rollout"])
+        agent.load_rank_state(state["agent"])
         generator.set_state(state["generator"])
         cpu_generator.set_state(state["cpu_generator"])
-        if state["buffer"] is not None:
-            buffer = ReplayBuffer(cfg.buffer_size, Transition(**{k: v[:1] for k, v in state["buffer"]["storage"].items()}))
-            buffer.load_state_dict(state["buffer"])
         before, curve = state["before"], [tuple(p) for p in state["curve"]]
-        sim_seconds, particle_seconds, elapsed = state["sim_seconds"], state["particle_seconds"], state["elapsed"]
+        sim_seconds, elapsed = state["sim_seconds"], state["elapsed"]
         log.info("resumed %s at %d env steps", out, counters.env_steps)
     else:
-        log.info("fine-tuning %s on %s with %s (weighting %s, b=%g) for %d env steps on %d process(es)",
-                 cfg.policy, spec.name, cfg.algo, cfg.weighting, cfg.negative_bound, cfg.env_steps, world)
+        log.info("fine-tuning %s on %s with %s for %d env steps on %d process(es)", cfg.policy, spec.name,
+                 _algo_label(cfg), cfg.env_steps, world)
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             (out / CONFIG_FILE).write_text(json.dumps(_config_dict(cfg), indent=2))
@@ -408,85 +391,33 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=console, transient=True, disable=not accelerator.is_main_process) as progress:
-        bar = progress.add_task(f"{cfg.algo}/{cfg.weighting} {spec.name}", total=cfg.env_steps, status="")
+        bar = progress.add_task(f"{_algo_label(cfg)} {spec.name}", total=cfg.env_steps, status="")
         while counters.env_steps < cfg.env_steps:
             # --- collect one chunk per env -----------------------------------------------------------
             t0 = time.perf_counter()
-            transition, steps = rollout.step_chunk(generator)
+            batch, steps = rollout.step_chunk(agent, generator)
             sim_seconds += time.perf_counter() - t0
-            if buffer is None:
-                buffer = ReplayBuffer(cfg.buffer_size, transition)
-            buffer.add(transition)
-            steps_all = int(accelerator.gather(torch.tensor([steps], device=device)).sum())
-            counters.env_steps += steps_all
+            agent.observe(batch)
+            counters.env_steps += int(accelerator.gather(torch.tensor([steps], device=device)).sum())
             counters.chunks += 1
             progress.update(bar, completed=min(counters.env_steps, cfg.env_steps))
 
-            # --- updates -----------------------------------------------------------------------------
-            if counters.env_steps >= cfg.learning_starts:
-                for _ in range(cfg.critic_updates):
-                    batch = Transition(*(x.to(device) for x in buffer.sample(cfg.batch_size, cpu_generator)))
-                    with torch.no_grad():
-                        next_cond = actor.global_cond(batch.next_state, batch.next_env_state)
-                        next_chunk = algo.sample_particles(actor.unet, next_cond, generator)
-                        next_q = critic_target(critic_obs(batch.next_state, batch.next_env_state),
-                                               actor.executed(next_chunk).flatten(1))
-                        target = td_target(batch.reward, batch.discount, next_q)
-                    q = critic(critic_obs(batch.state, batch.env_state), actor.executed(batch.chunk).flatten(1))
-                    critic_loss = F.mse_loss(q.q1, target) + F.mse_loss(q.q2, target)
-                    critic_opt.zero_grad(set_to_none=True)
-                    if torch.isfinite(critic_loss):
-                        accelerator.backward(critic_loss)
-                        if _grad_ok(accelerator, critic.parameters(), cfg.grad_clip):
-                            critic_opt.step()
-                            ema_update(critic_target, accelerator.unwrap_model(critic), cfg.tau)
-                        else:
-                            counters.skipped_updates += 1
-                    else:
-                        counters.skipped_updates += 1
-                    counters.critic_updates += 1
-                    losses["losses/critic"] = critic_loss.item()
-
-                    if counters.critic_updates % cfg.actor_every:
-                        continue
-                    if counters.actor_updates % cfg.simpo.refresh_every == 0:
-                        pi_old.load_state_dict(actor.unet.state_dict())
-                    t1 = time.perf_counter()
-                    actor_batch = buffer.sample(cfg.actor_batch_size, cpu_generator)
-                    ab = algo.actor_batch(Transition(*(x.to(device) for x in actor_batch)), critic, pi_old,
-                                          temperature.value, generator)
-                    particle_seconds += time.perf_counter() - t1
-                    actor_loss = objective(ab.noisy, ab.timesteps, ab.global_cond, ab.noise, ab.weights)
-                    actor_opt.zero_grad(set_to_none=True)
-                    if torch.isfinite(actor_loss):
-                        accelerator.backward(actor_loss)
-                        if _grad_ok(accelerator, objective.parameters(), cfg.grad_clip):
-                            actor_opt.step()
-                        else:
-                            counters.skipped_updates += 1
-                    else:
-                        counters.skipped_updates += 1
-                    temp_loss = temperature.loss(accelerator.gather(ab.normalised))  # same lambda on every rank
-                    temp_opt.zero_grad(set_to_none=True)
-                    temp_loss.backward()
-                    temp_opt.step()
-                    counters.actor_updates += 1
-                    losses |= {"losses/actor": actor_loss.item(), "losses/temperature": temp_loss.item(),
-                               "charts/temperature": temperature.value, **algo.metrics(ab)}
+            # --- update ------------------------------------------------------------------------------
+            if _everyone(accelerator, agent.ready(counters.env_steps), device):
+                metrics |= agent.update(step, accelerator.gather, generator, cpu_generator, accelerator.unwrap_model)
 
             # --- log ---------------------------------------------------------------------------------
             if counters.chunks % cfg.log_every == 0:
                 elapsed = time.perf_counter() - start
                 rollout_success = float(np.mean(rollout.recent_success)) if rollout.recent_success else float("nan")
                 success = accelerator.gather_for_metrics(torch.tensor([rollout_success], device=device))
-                metrics = {"charts/rollout_success": float(success.nanmean()),
-                           "charts/env_steps_per_s": counters.env_steps / elapsed,
-                           "charts/sim_s": sim_seconds, "charts/particle_s": particle_seconds,
-                           "charts/skipped_updates": counters.skipped_updates, **losses}
-                logger.log(counters.env_steps, metrics)
-                status = (f"success {100 * metrics['charts/rollout_success']:.0f}%  "
-                          f"{metrics['charts/env_steps_per_s']:.0f} steps/s  "
-                          + "  ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in losses.items() if k.startswith("losses")))
+                line = {"charts/rollout_success": float(success.nanmean()),
+                        "charts/env_steps_per_s": counters.env_steps / elapsed, "charts/sim_s": sim_seconds,
+                        "charts/skipped_updates": counters.skipped_updates, **metrics}
+                logger.log(counters.env_steps, line)
+                status = (f"success {100 * line['charts/rollout_success']:.0f}%  "
+                          f"{line['charts/env_steps_per_s']:.0f} steps/s  "
+                          + "  ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in metrics.items() if k.startswith("losses")))
                 progress.update(bar, status=status)
 
             # --- evaluate ----------------------------------------------------------------------------
@@ -507,17 +438,16 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     accelerator, rollout.between_episodes, device):
                 next_ckpt = (counters.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
                 rank_state = {
-                    "counters": asdict(counters), "rollout": rollout.state_dict(),
+                    "counters": asdict(counters), "rollout": rollout.state_dict(), "agent": agent.rank_state(),
                     "generator": generator.get_state(), "cpu_generator": cpu_generator.get_state(),
-                    "buffer": buffer.state_dict() if buffer is not None else None,
                     "before": before, "curve": curve, "sim_seconds": sim_seconds,
-                    "particle_seconds": particle_seconds, "elapsed": time.perf_counter() - start,
+                    "elapsed": time.perf_counter() - start,
                 }
-                if _save_checkpoint(accelerator, out, rank_state, (objective, critic)):
+                if _save_checkpoint(accelerator, out, rank_state, agent.synced_modules()):
                     log.info("checkpoint at %d env steps", counters.env_steps)
     rollout.close()
     wall = time.perf_counter() - start
-    divergence = _rank_divergence(accelerator, objective, critic, critic_target, pi_old, temperature)
+    divergence = _rank_divergence(accelerator, *agent.synced_modules())
     if divergence > 0:
         log.error("parameters differ between processes by up to %g: gradient sync is broken", divergence)
 
@@ -525,13 +455,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         after = evaluate(cfg.final_eval_episodes)
         curve.append((counters.env_steps, 100 * after.success_rate))
-        if not _all_finite(objective, critic):
+        if not _all_finite(*agent.synced_modules()):
             raise SimpoRobotError("the fine-tuned parameters are not finite; nothing was saved. The last good "
                                   f"resumable state is in {out / 'checkpoints' / 'last'}.")
         logger.log(counters.env_steps, {"eval/pc_success": 100 * after.success_rate})
         summary = _write_outputs(cfg, out, spec, policy, pre, post, save_policy, before, after, curve, counters, wall,
-                                 sim_seconds, particle_seconds)
-        summary |= {"num_processes": world, "rank_param_divergence": divergence}
+                                 sim_seconds)
+        summary |= {"num_processes": world, "rank_param_divergence": divergence, **agent.summary()}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     accelerator.wait_for_everyone()
@@ -545,18 +475,24 @@ def _success_block(result, cfg: FinetuneConfig) -> dict[str, Any]:
             "first_seed": cfg.eval_seed, "ci95": [100 * lo, 100 * hi]}
 
 
+def _algo_label(cfg: FinetuneConfig) -> str:
+    return f"simpo/{cfg.weighting} (b={cfg.negative_bound:g})" if cfg.algo == "simpo" else cfg.algo
+
+
 def _write_outputs(cfg, out, spec, policy, pre, post, save_policy, before, after, curve, counters, wall,
-                   sim_seconds, particle_seconds) -> dict[str, Any]:
+                   sim_seconds) -> dict[str, Any]:
     """Write final/ (shareable artifact + training_info.json + curve), eval_info.json and the curve PNG."""
     final = out / "final"
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_policy(policy, tmp, pre, post)
-    plot_learning_curve(curve, tmp / "learning_curve.png", title=f"{cfg.algo}/{cfg.weighting} on {spec.name}")
+    plot_learning_curve(curve, tmp / "learning_curve.png", title=f"{_algo_label(cfg)} on {spec.name}")
     shutil.copy(tmp / "learning_curve.png", out / "learning_curve.png")
     info = {
-        "base_model": str(cfg.policy), "task": spec.name, "algorithm": cfg.algo, "weighting": cfg.weighting,
-        "weighting_params": {"negative_bound": cfg.negative_bound, **asdict(cfg.simpo)},
+        "base_model": str(cfg.policy), "task": spec.name, "algorithm": cfg.algo,
+        "weighting": cfg.weighting if cfg.algo == "simpo" else None,
+        "weighting_params": {"negative_bound": cfg.negative_bound} if cfg.algo == "simpo" else None,
+        "algorithm_params": asdict(cfg.simpo if cfg.algo == "simpo" else cfg.dppo),
         "env_steps": counters.env_steps, "control_hz": spec.fps, "seed": cfg.seed,
         "success_before": before, "success_after": _success_block(after, cfg),
         "learning_curve": "learning_curve.png", "curve": curve,
@@ -569,7 +505,7 @@ def _write_outputs(cfg, out, spec, policy, pre, post, save_policy, before, after
     summary = {
         "pc_success_before": before["pc_success"], "pc_success_after": 100 * after.success_rate,
         "env_steps": counters.env_steps, "wall_s": wall, "env_steps_per_s": counters.env_steps / wall,
-        "sim_s": sim_seconds, "particle_s": particle_seconds, "curve": curve, **asdict(counters),
+        "sim_s": sim_seconds, "curve": curve, **asdict(counters),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("success %.1f%% -> %.1f%% (%d episodes, seeds %d..) in %d env steps, %.0f s; wrote %s",

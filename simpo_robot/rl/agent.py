@@ -1,0 +1,74 @@
+"""What the trainer needs from an algorithm, and what it gives one.
+
+The trainer owns Accelerate, the envs, evaluation, logging and checkpoints. An agent owns its networks,
+optimisers and data (replay buffer or on-policy storage). Per collected chunk the trainer calls
+`act` (inside the rollout), `observe`, and `update` when `ready`; updates take their optimiser steps
+through the trainer's `Stepper`, so gradient all-reduce, clipping and NaN skipping live in one place.
+"""
+
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from simpo_robot.rl.replay import Transition
+
+
+class ChunkBatch(NamedTuple):
+    """One collected chunk in every env of a process (E rows; rows of envs already done are masked)."""
+
+    transition: Transition
+    """(E, ...) fields; meaningful where `live`."""
+    live: Tensor
+    """(E,) bool: the env was inside an episode when the chunk started."""
+    ended: Tensor
+    """(E,) bool: the episode ended (terminated or truncated) inside this chunk."""
+    gamma_steps: Tensor
+    """(E,) gamma^(env steps executed in the chunk), whether or not it terminated."""
+    extras: dict[str, Tensor]
+    """Whatever `act` returned besides the chunk (e.g. DPPO's denoising chain and log-probs), (E, ...)."""
+
+
+class Stepper(Protocol):
+    def __call__(self, loss: Tensor, optimizer: torch.optim.Optimizer, module: nn.Module) -> bool:
+        """Backward, clip, step; skips (and counts) the update when the loss or the gradient is not finite."""
+        ...
+
+
+class Agent(Protocol):
+    name: str
+
+    def modules_to_prepare(self) -> dict[str, Any]:
+        """Modules and optimisers for accelerator.prepare (DDP-synced), by name."""
+        ...
+
+    def set_prepared(self, prepared: dict[str, Any], unwrap) -> None:
+        """Take the prepared objects back; `unwrap` gives the bare module of a prepared one."""
+        ...
+
+    def shared_state(self) -> list[Any]:
+        """Objects with state_dict/load_state_dict, identical on every rank (checkpointed once)."""
+        ...
+
+    def rank_state(self) -> dict[str, Any]: ...
+
+    def load_rank_state(self, state: dict[str, Any]) -> None: ...
+
+    def act(self, cond: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        """global_cond (E, C) -> chunk (E, H, Da) in model space, and extras to store with it."""
+        ...
+
+    def observe(self, batch: ChunkBatch) -> None: ...
+
+    def ready(self, env_steps: int) -> bool: ...
+
+    def synced_modules(self) -> list[nn.Module]:
+        """Every module that must stay identical across processes (checked at the end of a run)."""
+        ...
+
+    def update(self, step: Stepper, gather, generator: torch.Generator, cpu_generator: torch.Generator,
+               unwrap) -> dict[str, float]:
+        """One round of updates; `gather` concatenates a tensor over processes."""
+        ...
+
+    def summary(self) -> dict[str, Any]: ...
