@@ -189,7 +189,8 @@ def main() -> None:
         note = f"`{os.path.relpath(policy, REPO) if policy.is_absolute() else policy}`"
         if not (policy / "config.json").is_file():
             log.warning("%s not found: benchmarking a random policy of the pretrain defaults' size", policy)
-            policy = save_tiny_policy(Path(tmp) / "policy", env_state_dim=18, down_dims=(32, 64, 128))
+            policy = save_tiny_policy(Path(tmp) / "policy", env_state_dim=18, down_dims=(32, 64, 128),
+                                      noise_scheduler_type="DDIM", diffusion_step_embed_dim=64)
             note = "a random DiffusionPolicy of `simpo-robot pretrain`'s default size (checkpoint not found)"
         bundle = run_export(ExportConfig(policy=str(policy), out=Path(tmp) / "bundle")).bundle
         manifest = BundleManifest.read(bundle)

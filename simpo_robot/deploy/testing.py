@@ -19,6 +19,7 @@ def save_tiny_policy(
     n_action_steps: int = 8,
     n_obs_steps: int = 2,
     env_state_dim: int = ENV_STATE_DIM,
+    diffusion_step_embed_dim: int = 32,
 ) -> Path:
     """Write a state-only DiffusionPolicy with random weights and min/max stats to `out_dir`.
 
@@ -43,7 +44,7 @@ def save_tiny_policy(
         horizon=horizon,
         n_action_steps=n_action_steps,
         down_dims=down_dims,
-        diffusion_step_embed_dim=32,
+        diffusion_step_embed_dim=diffusion_step_embed_dim,
         noise_scheduler_type=noise_scheduler_type,
         num_inference_steps=num_inference_steps,
         pretrained_backbone_weights=None,
