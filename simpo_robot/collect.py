@@ -47,6 +47,10 @@ class CollectConfig:
     """Give up after episodes * this many attempts."""
     overwrite: bool = False
     """Delete `out` first if it exists."""
+    success_tail: int | None = 10
+    """Record a successful episode only up to this many steps after its first success (None: to the end).
+    Scripted experts solve Fetch tasks in a fraction of the 50 steps and then hold still; without the cut
+    most frames would be near-zero actions that drown the informative part of the demonstration."""
 
     def __post_init__(self) -> None:
         if self.episodes <= 0:
@@ -55,6 +59,8 @@ class CollectConfig:
             raise ValueError(f"num_envs must be positive, got {self.num_envs}")
         if self.noise < 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
+        if self.success_tail is not None and self.success_tail < 0:
+            raise ValueError(f"success_tail must be >= 0, got {self.success_tail}")
         if self.max_attempts_factor < 1:
             raise ValueError(f"max_attempts_factor must be >= 1, got {self.max_attempts_factor}")
 
@@ -102,7 +108,7 @@ def run_collect(cfg: CollectConfig) -> CollectResult:
 
     dataset = LeRobotDataset.create(
         repo_id=f"local/{spec.name}", fps=spec.fps, features=dataset_features(spec), root=out,
-        robot_type="fetch" if spec.name.startswith("fetch") else None, use_videos=False,
+        robot_type="fetch" if spec.name.startswith("fetch") else None, use_videos=False, video_backend="pyav",
     )
     expert = ScriptedExpert(spec.expert, cfg.noise)
     env = make_vec_env(spec, cfg.num_envs)
@@ -119,6 +125,7 @@ def run_collect(cfg: CollectConfig) -> CollectResult:
             done = np.zeros(B, bool)
             success = np.zeros(B, bool)
             length = np.full(B, T)
+            first_success = np.full(B, T)
             for t in range(T):
                 action = expert(obs, rng)
                 next_obs, reward, term, trunc, info = env.step(action)
@@ -127,6 +134,7 @@ def run_collect(cfg: CollectConfig) -> CollectResult:
                 steps.append({**obs, ACTION: action, "next.reward": reward.astype(np.float32),
                               "next.success": step_success, "next.done": term | trunc})
                 success[ended] = step_success[ended]
+                first_success = np.where(step_success & (first_success == T) & ~done, t, first_success)
                 length[ended] = t + 1
                 done |= ended
                 obs = next_obs
@@ -137,6 +145,8 @@ def run_collect(cfg: CollectConfig) -> CollectResult:
             for i in range(B):
                 if recorded >= cfg.episodes or not (success[i] or cfg.keep_failures):
                     continue
+                if success[i] and cfg.success_tail is not None:
+                    length[i] = min(length[i], first_success[i] + 1 + cfg.success_tail)
                 for t in range(length[i]):
                     frame = {k: np.asarray(v[i], dtype=np.float32).reshape(-1) for k, v in steps[t].items()
                              if k not in ("next.success", "next.done")}

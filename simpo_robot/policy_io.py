@@ -142,7 +142,12 @@ def load_policy(
     config.device = device.type
     weights = _check_file(folder, WEIGHTS_FILE)
     for name in (PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
-        _check_file(folder, name)
+        if not (folder / name).is_file():
+            raise SimpoRobotError(
+                f"policy folder {str(folder)!r} has no {name}. Checkpoints from LeRobot < 0.4 keep their "
+                f"normalisation inside the weights; convert with `python -m "
+                f"lerobot.processor.migrate_policy_normalization --pretrained-path {ref}` and load the result."
+            )
 
     policy_cls = get_policy_class(config.type)
     try:

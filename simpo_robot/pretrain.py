@@ -141,7 +141,8 @@ def _load_windows(dataset_dir: Path, spec: TaskSpec, policy_cfg: Any, max_episod
                 f"dataset {dataset_dir}: {name} has shape {tuple(meta.features[name]['shape'])}, "
                 f"task {spec.name} gives {tuple(feature.shape)}; was it recorded for another task?")
     episodes = None if max_episodes is None else list(range(min(max_episodes, meta.total_episodes)))
-    dataset = LeRobotDataset(repo_id, root=dataset_dir, episodes=episodes,
+    # no videos in these datasets; naming the backend skips a noisy torchcodec probe
+    dataset = LeRobotDataset(repo_id, root=dataset_dir, episodes=episodes, video_backend="pyav",
                              delta_timestamps=resolve_delta_timestamps(policy_cfg, meta))
     keys = [*wanted, "action_is_pad"]
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False, num_workers=0)
@@ -155,6 +156,11 @@ def _load_windows(dataset_dir: Path, spec: TaskSpec, policy_cfg: Any, max_episod
     return windows, stats, dataset.num_episodes, dataset.num_frames
 
 
+STD_FLOOR = 1e-2
+"""Smallest std used for mean/std normalisation: a (near-)constant dimension in the demonstrations (the
+closed fingers when pushing, the table height) would otherwise turn a tiny unseen deviation into a huge input."""
+
+
 def _stats(windows: dict[str, torch.Tensor], policy_cfg: Any) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
     for name in {**policy_cfg.input_features, **policy_cfg.output_features}:
@@ -162,7 +168,7 @@ def _stats(windows: dict[str, torch.Tensor], policy_cfg: Any) -> dict[str, dict[
         if name == "action":
             x = x[~windows["action_is_pad"]]  # (N*H, Da) real actions only
         x = x.reshape(-1, x.shape[-1])
-        out[name] = {"mean": x.mean(0), "std": x.std(0), "min": x.min(0).values, "max": x.max(0).values,
+        out[name] = {"mean": x.mean(0), "std": x.std(0).clamp_min(STD_FLOOR), "min": x.min(0).values, "max": x.max(0).values,
                      "count": torch.tensor([x.shape[0]])}
     return out
 
@@ -234,3 +240,84 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         }, indent=2))
         log.info("wrote %s (%.1f s of training, final loss %.4f)", out, seconds, recent)
     return PretrainResult(out, recent, seconds, num_params, n_episodes, n_frames)
+
+
+def write_model_card(policy_dir: str | Path, eval_info_path: str | Path, commands: str, notes: str = "") -> Path:
+    """Write `policy_dir/README.md`: a Hub-style model card with the measured success and rebuild commands.
+
+    `eval_info_path` is the `eval_info.json` of the measuring `simpo-robot eval` run; `commands` the exact
+    shell commands that rebuild the checkpoint (collect, pretrain, eval).
+    """
+    policy_dir = Path(policy_dir)
+    info = json.loads(Path(eval_info_path).read_text())
+    train = json.loads((policy_dir / "train_info.json").read_text())
+    agg = info["aggregated"]
+    n = len(info["per_episode"])
+    seeds = [e["seed"] for e in info["per_episode"]]
+    lo, hi = agg["pc_success_ci95"]
+    task = train["task"]
+    size_mb = (policy_dir / "model.safetensors").stat().st_size / 1e6
+    card = f"""---
+library_name: lerobot
+license: apache-2.0
+pipeline_tag: robotics
+tags:
+- lerobot
+- diffusion-policy
+- robotics
+- simpo-robot
+- {task}
+model-index:
+- name: simpo-robot/{task}-diffusion-pretrained
+  results:
+  - task:
+      type: robotics
+      name: {task}
+    metrics:
+    - type: pc_success
+      value: {agg['pc_success']:.1f}
+      name: success rate (%) over {n} episodes, seeds {seeds[0]}-{seeds[-1]}
+---
+
+# {task}: deliberately imperfect pretrained diffusion policy
+
+A small state-only LeRobot `DiffusionPolicy` (1-D conditional UNet, {train['num_params'] / 1e6:.2f}M parameters,
+{size_mb:.1f} MB) behaviour-cloned from scripted demonstrations of the `{task}` task (`tasks/{task}.yaml`).
+It is the starting point for SiMPO fine-tuning and is **deliberately imperfect**: trained on few
+demonstrations for a short time, so that reinforcement learning has room to improve it.
+
+## Measured success
+
+| episodes | seeds | success | 95% CI (Wilson) | avg sum reward |
+|---|---|---|---|---|
+| {n} | {seeds[0]}..{seeds[-1]} | {agg['pc_success']:.1f}% | [{lo:.1f}, {hi:.1f}]% | {agg['avg_sum_reward']:.2f} |
+
+Evaluation: `simpo-robot eval`, CPU, DDIM with {_policy_config(policy_dir).get('num_inference_steps')} denoising steps; episode i reset with seed
+{seeds[0]} + i; success = `info["is_success"]` at the last step of the 50-step episode.
+
+## Training
+
+- data: {train['episodes']} scripted-expert episodes ({train['frames']} frames) from `{train['dataset']}`
+- {train['steps']} AdamW steps, batch {train['batch_size']}, lr {train['lr']} (cosine), seed {train['seed']},
+  final diffusion loss {train['final_loss']:.4f}, {train['train_seconds']:.0f} s on 2 CPU cores
+{notes}
+## Load it
+
+```python
+from simpo_robot.policy_io import load_policy      # or stock LeRobot:
+loaded = load_policy("pretrained/{task}")         # DiffusionPolicy.from_pretrained("pretrained/{task}")
+```
+
+## Rebuild it
+
+```bash
+{commands.strip()}
+```
+"""
+    path = policy_dir / "README.md"
+    path.write_text(card)
+    return path
+
+
+def _policy_config(policy_dir: Path) -> dict[str, Any]:
+    return json.loads((policy_dir / "config.json").read_text())

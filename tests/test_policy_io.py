@@ -136,6 +136,13 @@ def test_missing_weights(saved: Path, tmp_path: Path):
         load_policy(broken)
 
 
+def test_missing_processor_points_to_migration(saved: Path, tmp_path: Path):
+    broken = shutil.copytree(saved, tmp_path / "b")
+    (broken / "policy_preprocessor.json").unlink()
+    with pytest.raises(SimpoRobotError, match="has no policy_preprocessor.json.*migrate_policy_normalization"):
+        load_policy(broken)
+
+
 def test_weights_of_another_architecture(saved: Path, tmp_path: Path):
     broken = shutil.copytree(saved, tmp_path / "b")
     cfg = json.loads((broken / "config.json").read_text())

@@ -1,0 +1,81 @@
+"""eval: LeRobot's eval_info.json keys, same seed same result, Wilson CI, videos, clear errors."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import pytest
+
+from simpo_robot.cli import main
+from simpo_robot.collect import CollectConfig, run_collect
+from simpo_robot.errors import SimpoRobotError
+from simpo_robot.evaluate import EvalConfig, run_eval, wilson_interval
+from simpo_robot.pretrain import PretrainConfig, run_pretrain
+
+TINY = dict(steps=2, batch_size=8, horizon=8, n_action_steps=4, down_dims=(8, 16), n_groups=4,
+            diffusion_step_embed_dim=8, kernel_size=3, num_inference_steps=2)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    run_collect(CollectConfig(task="fetch_reach", episodes=2, num_envs=2, out=root / "data"))
+    return run_pretrain(PretrainConfig(task="fetch_reach", dataset=root / "data", out=root / "policy", **TINY)).path
+
+
+def test_eval_info_keys_and_determinism(policy: Path, tmp_path: Path):
+    cfg = EvalConfig(policy=str(policy), task="fetch_reach", episodes=3, seed=7, batch_size=2, out=tmp_path / "a")
+    result = run_eval(cfg)
+    info = json.loads((tmp_path / "a" / "eval_info.json").read_text())
+    assert [e["seed"] for e in info["per_episode"]] == [7, 8, 9]
+    assert set(info["per_episode"][0]) >= {"sum_reward", "max_reward", "success", "seed"}
+    assert set(info["aggregated"]) >= {"avg_sum_reward", "avg_max_reward", "pc_success", "eval_s", "eval_ep_s"}
+    assert info["aggregated"]["pc_success"] == 100.0 * result.success_rate
+    for e in info["per_episode"]:  # Fetch sparse reward: -1 per step until solved, 0 when solved
+        assert -50.0 <= e["sum_reward"] <= 0.0 and e["max_reward"] in (-1.0, 0.0)
+    again = run_eval(EvalConfig(**{**vars(cfg), "out": tmp_path / "b"}))
+    assert again.per_episode == result.per_episode
+
+
+def test_videos(policy: Path, tmp_path: Path):
+    result = run_eval(EvalConfig(policy=str(policy), task="fetch_reach", episodes=2, batch_size=2, videos=1,
+                                 out=tmp_path))
+    assert result.video_paths == [str(tmp_path / "videos" / "eval_episode_0.mp4")]
+    assert Path(result.video_paths[0]).stat().st_size > 1000
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.236593, abs=1e-6) and hi == pytest.approx(0.763407, abs=1e-6)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+
+
+def test_feature_mismatch(policy: Path, tmp_path: Path):
+    with pytest.raises(SimpoRobotError, match=r"observation.environment_state: policy expects shape \(3,\), task gives \(18,\)"):
+        run_eval(EvalConfig(policy=str(policy), task="fetch_push", episodes=1, out=tmp_path))
+
+
+def test_unknown_task(policy: Path, tmp_path: Path):
+    with pytest.raises(SimpoRobotError, match="unknown task 'nope'"):
+        run_eval(EvalConfig(policy=str(policy), task="nope", episodes=1, out=tmp_path))
+
+
+def test_missing_and_corrupt_checkpoint_via_cli(policy: Path, tmp_path: Path, capsys):
+    assert main(["eval", "--policy", str(tmp_path / "missing"), "--task", "fetch_reach", "--episodes", "1"]) == 1
+    assert "does not exist" in " ".join(capsys.readouterr().err.split())
+    broken = shutil.copytree(policy, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    assert main(["eval", "--policy", str(broken), "--task", "fetch_reach", "--episodes", "1"]) == 1
+    assert "model.safetensors cannot be read" in " ".join(capsys.readouterr().err.split())
+
+
+def test_offline_repo_id_not_cached(tmp_path: Path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(SimpoRobotError, match="not in the Hugging Face cache"):
+        run_eval(EvalConfig(policy="lerobot/diffusion_pusht_keypoints", task="pusht", episodes=1, out=tmp_path))
