@@ -85,7 +85,7 @@ def test_sampler_matches_lerobot_conditional_sample(tiny_push):
 def test_finetune_cli_end_to_end(tiny_push, tmp_path):
     out = tmp_path / "run"
     args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--env-steps", "400",
-            "--simpo.learning-starts", "100", "--num-envs", "4", "--final-eval-episodes", "2", "--eval-episodes", "2",
+            "--simpo.learning-starts", "100", "--simpo.actor-starts", "100", "--num-envs", "4", "--final-eval-episodes", "2", "--eval-episodes", "2",
             "--eval-every", "200", "--simpo.batch-size", "16", "--simpo.actor-batch-size", "4", "--simpo.particles", "4",
             "--log-every", "2", "--weighting", "linear", "--negative-bound", "-0.5", "--out", str(out)]
     assert main(args) == 0
@@ -130,7 +130,7 @@ def test_finetune_policy_that_does_not_fit_the_task(tiny_push, tmp_path, capsys)
 
 def _run(tiny_push, out, env_steps, *extra):
     args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--env-steps", str(env_steps),
-            "--simpo.learning-starts", "50", "--num-envs", "2", "--final-eval-episodes", "1", "--eval-every", "0",
+            "--simpo.learning-starts", "50", "--simpo.actor-starts", "50", "--num-envs", "2", "--final-eval-episodes", "1", "--eval-every", "0",
             "--checkpoint-every", "100", "--simpo.batch-size", "8", "--simpo.actor-batch-size", "2", "--simpo.particles", "4",
             "--simpo.refresh-every", "3", "--out", str(out), *extra]
     assert main(args) == 0
@@ -173,7 +173,7 @@ def test_two_processes_keep_parameters_identical_and_double_env_steps_per_update
 
     def summary(out, launcher):
         args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--env-steps", "400",
-                "--simpo.learning-starts", "100", "--num-envs", "2", "--final-eval-episodes", "1", "--eval-every", "0",
+                "--simpo.learning-starts", "100", "--simpo.actor-starts", "100", "--num-envs", "2", "--final-eval-episodes", "1", "--eval-every", "0",
                 "--checkpoint-every", "200", "--simpo.batch-size", "8", "--simpo.actor-batch-size", "2",
                 "--simpo.particles", "4", "--out", str(out)]
         proc = subprocess.run([*launcher, "-m", "simpo_robot", *args], capture_output=True, text=True, timeout=600)

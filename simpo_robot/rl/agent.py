@@ -67,7 +67,7 @@ class Agent(Protocol):
         ...
 
     def update(self, step: Stepper, gather, generator: torch.Generator, cpu_generator: torch.Generator,
-               unwrap) -> dict[str, float]:
+               unwrap, env_steps: int) -> dict[str, float]:
         """One round of updates; `gather` concatenates a tensor over processes."""
         ...
 

@@ -227,7 +227,7 @@ class DppoAgent:
 
     # --- the PPO update ----------------------------------------------------------------------------
     def update(self, step: Stepper, gather, generator: torch.Generator, cpu_generator: torch.Generator,
-               unwrap) -> dict[str, float]:
+               unwrap, env_steps: int) -> dict[str, float]:
         dev = self.device
         tr = [b.transition for b in self.storage]
         stack = lambda xs: torch.stack(xs).to(dev)  # noqa: E731  (T, E, ...)

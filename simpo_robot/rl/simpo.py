@@ -49,13 +49,21 @@ class SimpoConfig:
     target_kl: float = 1.0
     """Target KL(weights || uniform) of the learned temperature."""
     init_temperature: float = 1.0
-    temperature_lr: float = 3e-3
+    temperature_lr: float = 3e-2
+    standardise_q: bool = True
+    """Divide each state's particle Q values by their std before weighting (so lambda is in units of the
+    per-state Q spread). With sparse rewards the spread differs by orders of magnitude between states and
+    over training; one global lambda then gives uniform weights in most states. Weights are invariant to
+    the shift, so only the scale matters."""
     loss_clip: float = 5.0
     """Per-element bound on the squared denoising error (bounds the repulsive term)."""
     buffer_size: int = 100_000
     """Replay capacity in chunk transitions."""
     learning_starts: int = 2_000
-    """Env steps collected before the first update."""
+    """Env steps collected before the first (critic) update."""
+    actor_starts: int = 5_000
+    """Env steps before the first actor update: the weights are only as good as the critic, and updates
+    driven by an untrained critic measurably degraded the pretrained policy."""
     critic_updates: int = 4
     """Critic updates per collected chunk (across all envs of a process)."""
     actor_every: int = 2
@@ -75,8 +83,10 @@ class SimpoConfig:
                      "actor_every", "batch_size", "actor_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"simpo.{name} must be >= 1, got {getattr(self, name)}")
-        if self.particle_noise < 0 or self.target_kl < 0 or not self.loss_clip > 0 or self.learning_starts < 0:
-            raise ValueError("simpo.particle_noise, target_kl and learning_starts must be >= 0, loss_clip > 0")
+        if (self.particle_noise < 0 or self.target_kl < 0 or not self.loss_clip > 0 or self.learning_starts < 0
+                or self.actor_starts < 0):
+            raise ValueError("simpo.particle_noise, target_kl, learning_starts and actor_starts must be >= 0, "
+                             "loss_clip > 0")
         if not (self.init_temperature > 0 and self.temperature_lr > 0 and self.actor_lr > 0 and self.critic_lr > 0):
             raise ValueError("simpo.init_temperature and the learning rates must be > 0")
         if not 0 < self.tau <= 1:
@@ -198,7 +208,8 @@ class SimpoAgent:
         obs = critic_obs(batch.state, batch.env_state).repeat_interleave(n, dim=0)
         q1, q2 = self.critic(obs, self.actor.executed(particles).flatten(1))
         q = (0.5 * (q1 + q2)).reshape(b, n)
-        normalised = solve_weights(q, self.temperature.value, self.weighting, self.negative_bound).weights
+        scaled = q / q.std(dim=-1, keepdim=True).clamp(min=1e-6) if self.cfg.standardise_q and n > 1 else q
+        normalised = solve_weights(scaled, self.temperature.value, self.weighting, self.negative_bound).weights
         noise = torch.randn(particles.shape, generator=generator, device=particles.device)
         t = torch.randint(0, len(self.actor.alphas_cumprod), (b * n,), generator=generator, device=particles.device)
         noisy = diffuse(self.actor.alphas_cumprod, particles, noise, t)
@@ -215,7 +226,7 @@ class SimpoAgent:
         return F.mse_loss(q.q1, target) + F.mse_loss(q.q2, target)
 
     def update(self, step: Stepper, gather, generator: torch.Generator, cpu_generator: torch.Generator,
-               unwrap) -> dict[str, float]:
+               unwrap, env_steps: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for _ in range(self.cfg.critic_updates):
             batch = self._sample(self.cfg.batch_size, cpu_generator)
@@ -224,7 +235,7 @@ class SimpoAgent:
                 ema_update(self.critic_target, unwrap(self.critic), self.cfg.tau)
             self.critic_updates += 1
             metrics["losses/critic"] = loss.item()
-            if self.critic_updates % self.cfg.actor_every:
+            if self.critic_updates % self.cfg.actor_every or env_steps < self.cfg.actor_starts:
                 continue
             if self.actor_updates % self.cfg.refresh_every == 0:
                 self.pi_old.load_state_dict(self.actor.unet.state_dict())

@@ -404,7 +404,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
             # --- update ------------------------------------------------------------------------------
             if _everyone(accelerator, agent.ready(counters.env_steps), device):
-                metrics |= agent.update(step, accelerator.gather, generator, cpu_generator, accelerator.unwrap_model)
+                metrics |= agent.update(step, accelerator.gather, generator, cpu_generator, accelerator.unwrap_model,
+                                        counters.env_steps)
 
             # --- log ---------------------------------------------------------------------------------
             if counters.chunks % cfg.log_every == 0:

@@ -1,0 +1,162 @@
+"""Headline benchmark: fine-tuning the shipped checkpoints with SiMPO weightings and DPPO.
+
+    .venv/bin/python benchmarks/finetune.py                       # the full grid (hours on 2 CPU cores)
+    .venv/bin/python benchmarks/finetune.py --tasks fetch_push --algos simpo-linear --seeds 0 --env-steps 20000
+
+Each run is `simpo-robot finetune` in its own process (its peak RSS, children included, is sampled with
+psutil), from pretrained/<task>, with the success curve every --eval-every env steps. The raw simulator's
+env steps per second on the same vectorised envs are measured in the same invocation, so the ratio of
+fine-tuning to simulator throughput compares like with like. Results merge into
+benchmarks/results/finetune.json (a rerun of a (task, algo, weighting, bound, seed) replaces it); the table
+and a plot go to BENCHMARKS.md (section "finetune").
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import machine, today, write_section  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+ALGOS = {
+    # name: (algo, weighting, negative bound)
+    "simpo-linear": ("simpo", "linear", -0.5),
+    "simpo-square": ("simpo", "square", 0.0),
+    "simpo-exp": ("simpo", "exp", 0.0),
+    "dppo": ("dppo", None, None),
+}
+
+
+def raw_sim_steps_per_s(task: str, num_envs: int, steps: int = 400) -> float:
+    """Env steps per second of the vectorised envs alone, random actions, no policy."""
+    from simpo_robot.tasks import load_task, make_vec_env
+
+    spec = load_task(task)
+    envs = make_vec_env(spec, num_envs)
+    envs.reset(seed=list(range(num_envs)))
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(steps // num_envs):
+        envs.step(rng.uniform(-1, 1, size=envs.action_space.shape).astype(np.float32))
+    elapsed = time.perf_counter() - start
+    envs.close()
+    return (steps // num_envs) * num_envs / elapsed
+
+
+def run_one(task: str, name: str, seed: int, args) -> dict:
+    algo, weighting, bound = ALGOS[name]
+    out = ROOT / "outputs" / "benchmarks" / f"{task}-{name}-s{seed}"
+    cmd = [sys.executable, "-m", "simpo_robot", "finetune", "--policy", str(ROOT / "pretrained" / task),
+           "--task", task, "--algo", algo, "--env-steps", str(args.env_steps), "--seed", str(seed),
+           "--num-envs", str(args.num_envs), "--eval-every", str(args.eval_every),
+           "--eval-episodes", str(args.eval_episodes), "--final-eval-episodes", str(args.final_eval_episodes),
+           "--out", str(out), "--overwrite", "true"]
+    if weighting is not None:
+        cmd += ["--weighting", weighting, "--negative-bound", str(bound)]
+    start = time.perf_counter()
+    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [proc, *proc.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.5)
+    stderr = proc.stderr.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return {
+        "task": task, "algo": algo, "weighting": weighting, "negative_bound": bound, "seed": seed,
+        "env_steps": summary["env_steps"], "pc_success_before": summary["pc_success_before"],
+        "pc_success_after": summary["pc_success_after"], "curve": summary["curve"],
+        "wall_s": time.perf_counter() - start, "peak_rss_mb": peak / 2**20,
+        "env_steps_per_s": summary["env_steps_per_s"], "num_envs": args.num_envs,
+        "final_eval_episodes": args.final_eval_episodes,
+    }
+
+
+def key(run: dict) -> tuple:
+    return run["task"], run["algo"], run["weighting"], run["negative_bound"], run["seed"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["fetch_push", "fetch_pick_place"])
+    parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--env-steps", type=int, default=300_000)
+    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=25_000)
+    parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--final-eval-episodes", type=int, default=100)
+    args = parser.parse_args()
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "finetune.json"
+    runs = {key(r): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
+    raw = {task: raw_sim_steps_per_s(task, args.num_envs) for task in args.tasks}
+    for task in args.tasks:
+        for name in args.algos:
+            for seed in args.seeds:
+                run = run_one(task, name, seed, args) | {"raw_sim_steps_per_s": raw[task]}
+                runs[key(run)] = run
+                print(f"{task} {name} seed {seed}: {run['pc_success_before']:.0f}% -> {run['pc_success_after']:.0f}% "
+                      f"in {run['env_steps']} env steps, {run['wall_s']:.0f} s, {run['peak_rss_mb']:.0f} MB", flush=True)
+                path.write_text(json.dumps({"runs": list(runs.values())}, indent=2))
+    report(list(runs.values()), args)
+
+
+def report(runs: list[dict], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ["| task | algorithm | seeds | env steps | success before (%) | success after (%) | wall (min) | "
+            "peak RSS (MB) | env steps/s (train / raw sim) |", "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["algo"], r["weighting"], r["negative_bound"], r["env_steps"]), []).append(r)
+    tasks = sorted({g[0] for g in groups})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
+    for (task, algo, weighting, bound, steps), rs in sorted(groups.items(), key=str):
+        label = f"simpo {weighting} (b={bound:g})" if algo == "simpo" else algo
+        before = [r["pc_success_before"] for r in rs]
+        after = [r["pc_success_after"] for r in rs]
+        rows.append(
+            f"| {task} | {label} | {len(rs)} | {steps} | {np.mean(before):.1f} | "
+            f"{np.mean(after):.1f} ± {np.std(after):.1f} | {np.mean([r['wall_s'] for r in rs]) / 60:.1f} | "
+            f"{max(r['peak_rss_mb'] for r in rs):.0f} | "
+            f"{np.mean([r['env_steps_per_s'] for r in rs]):.0f} / {np.mean([r['raw_sim_steps_per_s'] for r in rs]):.0f} |")
+        ax = axes[0][tasks.index(task)]
+        curve = np.array(rs[0]["curve"])
+        ax.plot(curve[:, 0], np.mean([np.array(r["curve"])[:, 1] for r in rs if len(r["curve"]) == len(curve)], 0),
+                marker="o", label=label)
+        ax.set_title(task)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("success (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "finetune.png", dpi=100)
+    body = (f"## Fine-tuning the shipped checkpoints (`benchmarks/finetune.py`)\n\n"
+            f"Command: `.venv/bin/python {' '.join(sys.argv)}`\nMachine: {machine()}\nDate: {today()}\n\n"
+            "Success is over the same evaluation episodes before and after (seeds 1000+i); curves are the "
+            "mean over seeds. `env steps/s` compares fine-tuning throughput (collection, updates and the "
+            "periodic evaluations) with the vectorised simulator alone, measured in the same invocation.\n\n"
+            + "\n".join(rows) + "\n\n![learning curves](benchmarks/results/finetune.png)\n")
+    write_section("finetune", body)
+
+
+if __name__ == "__main__":
+    main()
