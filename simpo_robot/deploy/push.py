@@ -61,6 +61,7 @@ LEROBOT_PATTERNS = (
 BUNDLE_FILES = ("deploy.json", "denoiser.onnx")
 CARD_MODES = ("generate", "keep")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TAG = re.compile(r"^[\w.-]+$")
 
 
 @dataclass
@@ -139,7 +140,7 @@ class TrainingInfo:
                     task = json.loads(pretrain.read_text()).get("task")
                 except (json.JSONDecodeError, AttributeError):
                     return None
-                return cls(task=task, algorithm="behaviour cloning (simpo-robot pretrain)")
+                return cls(task=task, algorithm="behaviour cloning (pretraining)")
             return None
         try:
             raw = json.loads(file.read_text())
@@ -170,7 +171,7 @@ def model_card(config: dict[str, Any], info: TrainingInfo | None, repo_id: str, 
 
     info = info or TrainingInfo()
     tags = ["lerobot", "robotics", config.get("type", "policy"), "simpo-robot"]
-    tags += [t for t in (info.task, info.algorithm) if t and t not in tags]
+    tags += [t for t in (info.task, info.algorithm) if t and _TAG.match(t) and t not in tags]
     base_model = info.base_model if info.base_model and _REPO_ID.match(info.base_model) else None
     data = ModelCardData(library_name="lerobot", license=license, tags=tags, base_model=base_model,
                          pipeline_tag="robotics")
@@ -187,7 +188,8 @@ def model_card(config: dict[str, Any], info: TrainingInfo | None, repo_id: str, 
         f"A LeRobot `{config.get('type', 'policy')}` policy"
         + (f" for the `{info.task}` task" if info.task else "")
         + (f", fine-tuned online from `{info.base_model}`" if info.base_model else "")
-        + " with [simpo-robot](https://github.com/) (SiMPO: signed measure policy optimization).", "",
+        + (f" with {info.algorithm}" if info.base_model and info.algorithm else "")
+        + ", made with simpo-robot.", "",
         "| | |", "|---|---|",
         f"| task | {info.task or unknown} |",
         f"| base model | {info.base_model or unknown} |",
