@@ -47,14 +47,31 @@ def reference(bundle):
     return PolicyEngine.load(bundle, "onnx")
 
 
-@pytest.fixture(scope="module")
-def server(bundle):
-    config = ServeConfig(bundle=bundle, port=0, backend="onnx", max_message_bytes=MAX_BYTES,
-                         idle_timeout_s=1.0, open_timeout_s=1.0, shutdown_grace_s=5.0)
+def _start(bundle, inference: str) -> BackgroundServer:
+    config = ServeConfig(bundle=bundle, port=0, backend="onnx", max_message_bytes=MAX_BYTES, idle_timeout_s=1.0,
+                         open_timeout_s=1.0, shutdown_grace_s=5.0, inference=inference)
     background = BackgroundServer(PolicyEngine.load(bundle, "onnx"), config)
     background.start()
+    return background
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    """Inference inline on the event loop (the default)."""
+    background = _start(bundle, "inline")
     yield background
     background.stop()
+
+
+@pytest.fixture(scope="module")
+def thread_server(bundle):
+    """Inference on a dedicated thread."""
+    background = _start(bundle, "thread")
+    yield background
+    background.stop()
+
+
+BOTH = pytest.mark.parametrize("which", ["server", "thread_server"])
 
 
 def _observation(seed: int) -> dict[str, np.ndarray]:
@@ -148,7 +165,9 @@ def test_oversized_payload_closes_the_connection(server, reference):
     _assert_serves_correctly(server.url, reference, seed=1)
 
 
-def test_client_disconnecting_mid_request(server, reference):
+@BOTH
+def test_client_disconnecting_mid_request(which, request, reference):
+    server = request.getfixturevalue(which)
     # A full request, then gone before the reply.
     ws = _raw(server.url)
     ws.send(pack(_observation(0)))
@@ -162,7 +181,9 @@ def test_client_disconnecting_mid_request(server, reference):
     _assert_serves_correctly(server.url, reference, seed=2)
 
 
-def test_slow_clients_are_dropped_without_blocking_others(server, reference):
+@BOTH
+def test_slow_clients_are_dropped_without_blocking_others(which, request, reference):
+    server = request.getfixturevalue(which)
     # No handshake at all.
     silent = socket.create_connection(("127.0.0.1", server.server.port), timeout=10)
     # Handshake, then a frame that never completes (slowloris).
@@ -185,7 +206,9 @@ def test_slow_clients_are_dropped_without_blocking_others(server, reference):
     _assert_serves_correctly(server.url, reference, seed=4)
 
 
-def test_several_clients_at_once(server, reference):
+@BOTH
+def test_several_clients_at_once(which, request, reference):
+    server = request.getfixturevalue(which)
     expected = {s: reference.infer(_observation(s), seed=s).actions for s in range(4)}
     failures: list[str] = []
 
