@@ -257,6 +257,7 @@ def write_model_card(policy_dir: str | Path, eval_info_path: str | Path, command
     lo, hi = agg["pc_success_ci95"]
     task = train["task"]
     size_mb = (policy_dir / "model.safetensors").stat().st_size / 1e6
+    cfg_json = _policy_config(policy_dir)
     card = f"""---
 library_name: lerobot
 license: apache-2.0
@@ -283,8 +284,8 @@ model-index:
 
 A small state-only LeRobot `DiffusionPolicy` (1-D conditional UNet, {train['num_params'] / 1e6:.2f}M parameters,
 {size_mb:.1f} MB) behaviour-cloned from scripted demonstrations of the `{task}` task (`tasks/{task}.yaml`).
-It is the starting point for SiMPO fine-tuning and is **deliberately imperfect**: trained on few
-demonstrations for a short time, so that reinforcement learning has room to improve it.
+It is the starting point for SiMPO fine-tuning and is **deliberately imperfect**: a small network trained
+briefly on noisy demonstrations, far from converged, so that reinforcement learning has room to improve it.
 
 ## Measured success
 
@@ -292,14 +293,22 @@ demonstrations for a short time, so that reinforcement learning has room to impr
 |---|---|---|---|---|
 | {n} | {seeds[0]}..{seeds[-1]} | {agg['pc_success']:.1f}% | [{lo:.1f}, {hi:.1f}]% | {agg['avg_sum_reward']:.2f} |
 
-Evaluation: `simpo-robot eval`, CPU, DDIM with {_policy_config(policy_dir).get('num_inference_steps')} denoising steps; episode i reset with seed
-{seeds[0]} + i; success = `info["is_success"]` at the last step of the 50-step episode.
+Evaluation: `simpo-robot eval` on CPU; episode i is reset with seed {seeds[0]} + i and diffusion noise is seeded
+per batch of 25 episodes, so the first 50 episodes of this run are exactly what
+`simpo-robot eval --policy pretrained/{task} --task {task} --episodes 50` gives. Success =
+`info["is_success"]` at the last step of the 50-step episode.
+
+Policy: observations `observation.state` {tuple(cfg_json['input_features']['observation.state']['shape'])} (robot) and
+`observation.environment_state` {tuple(cfg_json['input_features']['observation.environment_state']['shape'])} (object + goal), {cfg_json['n_obs_steps']} observation steps; predicts
+{cfg_json['horizon']}-step action chunks and executes {cfg_json['n_action_steps']} before re-planning; DDIM with {cfg_json['num_inference_steps']} denoising
+steps; UNet widths {tuple(cfg_json['down_dims'])}.
 
 ## Training
 
-- data: {train['episodes']} scripted-expert episodes ({train['frames']} frames) from `{train['dataset']}`
+- data: {train['episodes']} successful scripted-expert episodes ({train['frames']} frames) from `{train['dataset']}`,
+  recorded with Gaussian action noise and cut 10 steps after the first success (`simpo-robot collect` defaults)
 - {train['steps']} AdamW steps, batch {train['batch_size']}, lr {train['lr']} (cosine), seed {train['seed']},
-  final diffusion loss {train['final_loss']:.4f}, {train['train_seconds']:.0f} s on 2 CPU cores
+  final diffusion loss {train['final_loss']:.4f}, {train['train_seconds']:.0f} s of training on one CPU thread
 {notes}
 ## Load it
 
