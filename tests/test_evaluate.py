@@ -79,3 +79,31 @@ def test_offline_repo_id_not_cached(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(SimpoRobotError, match="not in the Hugging Face cache"):
         run_eval(EvalConfig(policy="lerobot/diffusion_pusht_keypoints", task="pusht", episodes=1, out=tmp_path))
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "pretrained"
+
+
+@pytest.mark.parametrize("task", ["fetch_push", "fetch_pick_place"])
+def test_shipped_checkpoint_loads_fits_and_has_a_card(task):
+    from simpo_robot.policy_io import load_policy
+    from simpo_robot.tasks import check_policy_fits_task, load_task
+
+    folder = SHIPPED / task
+    assert (folder / "model.safetensors").stat().st_size <= 10_000_000
+    loaded = load_policy(folder)
+    check_policy_fits_task(loaded.config, load_task(task))
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: lerobot\n") and "## Rebuild it" in card
+    assert f"--task {task} --episodes 200 --seed 1000" in card
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["fetch_push", "fetch_pick_place"])
+def test_shipped_checkpoint_reproduces_its_card(task, tmp_path: Path):
+    import re
+
+    card = (SHIPPED / task / "README.md").read_text()
+    lo, hi = map(float, re.search(r"\| \[([\d.]+), ([\d.]+)\]% \|", card).groups())
+    result = run_eval(EvalConfig(policy=str(SHIPPED / task), task=task, episodes=50, seed=1000, out=tmp_path))
+    assert lo <= 100 * result.success_rate <= hi
