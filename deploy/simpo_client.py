@@ -15,7 +15,8 @@ Protocol (WebSocket, binary frames, each one msgpack map; numpy arrays are maps
         {name: float32 array (T, *shape) for every observation feature, the last T frames, oldest first,
          optional "seed": int (makes the sampled chunk reproducible)}
     server -> client: reply
-        {"actions": float32 array (n, Da), "timing": {"server_ms", "queue_ms", "inference_ms", ...}}
+        {"actions": float32 array (n, Da), "timing": {"decode_ms", "queue_ms", "batch", "preprocess_ms",
+         "sample_ms", "postprocess_ms", "server_ms"}}
         or {"error": message} (the connection stays open; send the next request)
 
 Typical loop:
@@ -153,7 +154,7 @@ class ActionChunk:
     actions: np.ndarray
     """(action_chunk, action_dim) float32: execute in order, one per control step."""
     timing: dict[str, float]
-    """Server-side timing in milliseconds."""
+    """Server-side timing in milliseconds (and "batch": requests that shared the network pass)."""
     latency_ms: float
     """Round trip measured by the client (encode, send, server, receive, decode)."""
 
