@@ -1,15 +1,18 @@
 """The `simpo-robot` command: `simpo-robot SUBCOMMAND [--field value ...]`.
 
-Flags may be written with dashes or underscores (`--negative-bound` = `--negative_bound`).
+Flags may be written with dashes or underscores (`--negative-bound` = `--negative_bound`), and a
+boolean flag alone means true (`--overwrite` = `--overwrite true`).
 
 Each subcommand is a typed config dataclass (parsed with draccus, as LeRobot's scripts are, so
 `--config_path FILE` loads a YAML/JSON file of the same fields) and a function that runs it. Modules
 are imported only when their subcommand runs, so `simpo-robot --help` stays fast.
 """
 
+import dataclasses
 import importlib
 import logging
 import sys
+import typing
 from dataclasses import dataclass
 
 import draccus
@@ -63,15 +66,35 @@ def _config_error(exc: BaseException) -> BaseException:
 CONFIG_FLAG = {"config": "config_path"}  # `--config FILE` is draccus's `--config_path FILE`
 
 
-def normalise_flags(args: list[str]) -> list[str]:
+def _bool_fields(config_cls: type | None, prefix: str = "") -> set[str]:
+    """Dotted names of the bool fields of a (nested) config dataclass."""
+    if config_cls is None or not dataclasses.is_dataclass(config_cls):
+        return set()
+    hints = typing.get_type_hints(config_cls)
+    names = set()
+    for f in dataclasses.fields(config_cls):
+        if hints[f.name] is bool:
+            names.add(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            names |= _bool_fields(hints[f.name], f"{prefix}{f.name}.")
+    return names
+
+
+def normalise_flags(args: list[str], config_cls: type | None = None) -> list[str]:
     """Accept `--dry-run` as well as draccus's `--dry_run` (dashes in a flag's name become underscores),
-    and `--config FILE` for draccus's `--config_path FILE`."""
+    `--config FILE` for draccus's `--config_path FILE`, and a bare boolean flag (`--private`) for
+    `--private true`."""
+    bools = _bool_fields(config_cls)
     out = []
-    for arg in args:
+    for i, arg in enumerate(args):
         if arg.startswith("--") and len(arg) > 2:
             name, sep, value = arg[2:].partition("=")
             name = name.replace("-", "_")
             arg = "--" + CONFIG_FLAG.get(name, name) + sep + value
+            bare = not sep and (i + 1 == len(args) or args[i + 1].startswith("--"))
+            if bare and name in bools:
+                out += [arg, "true"]
+                continue
         out.append(arg)
     return out
 
@@ -82,13 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         console.print(_usage(), markup=False, highlight=False, soft_wrap=True)
         return 0 if argv else 2
-    name, args = argv[0], normalise_flags(argv[1:])
+    name, args = argv[0], argv[1:]
     if name not in COMMANDS:
         console.print(f"simpo-robot: unknown subcommand {name!r}.\n\n{_usage()}", markup=False, highlight=False, soft_wrap=True)
         return 2
     cmd = COMMANDS[name]
     module = importlib.import_module(cmd.module)
     config_cls, run = getattr(module, cmd.config), getattr(module, cmd.run)
+    args = normalise_flags(args, config_cls)
     try:
         cfg = draccus.parse(config_class=config_cls, args=args, prog=f"simpo-robot {name}")
     except draccus.utils.ParsingError as exc:

@@ -74,3 +74,13 @@ def test_flags_accept_dashes_as_well_as_underscores(tmp_path):
     args = [a.replace("_", "-") if a.startswith("--") else a for a in TINY]
     assert main(["toy", *args, "--variants", "[exp]", "--seeds", "1", "--json", str(out)]) == 0
     assert len(json.loads(out.read_text())["results"]) == 1
+
+
+def test_bare_boolean_flags_mean_true():
+    from simpo_robot.cli import normalise_flags
+    from simpo_robot.rl.trainer import FinetuneConfig
+
+    assert normalise_flags(["--overwrite", "--seed", "3"], FinetuneConfig) == ["--overwrite", "true", "--seed", "3"]
+    assert normalise_flags(["--simpo.standardise-q"], FinetuneConfig) == ["--simpo.standardise_q", "true"]
+    assert normalise_flags(["--overwrite", "false"], FinetuneConfig) == ["--overwrite", "false"]
+    assert normalise_flags(["--config", "f.yaml"], FinetuneConfig) == ["--config_path", "f.yaml"]
