@@ -84,7 +84,7 @@ def test_offline_repo_id_not_cached(tmp_path: Path, monkeypatch):
 SHIPPED = Path(__file__).resolve().parent.parent / "pretrained"
 
 
-@pytest.mark.parametrize("task", ["fetch_push", "fetch_pick_place"])
+@pytest.mark.parametrize("task", ["fetch_reach", "fetch_push", "fetch_pick_place"])
 def test_shipped_checkpoint_loads_fits_and_has_a_card(task):
     from simpo_robot.policy_io import load_policy
     from simpo_robot.tasks import check_policy_fits_task, load_task
@@ -99,7 +99,7 @@ def test_shipped_checkpoint_loads_fits_and_has_a_card(task):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["fetch_push", "fetch_pick_place"])
+@pytest.mark.parametrize("task", ["fetch_reach", "fetch_push", "fetch_pick_place"])
 def test_shipped_checkpoint_reproduces_its_card(task, tmp_path: Path):
     import re
 
