@@ -107,3 +107,30 @@ def test_shipped_checkpoint_reproduces_its_card(task, tmp_path: Path):
     lo, hi = map(float, re.search(r"\| \[([\d.]+), ([\d.]+)\]% \|", card).groups())
     result = run_eval(EvalConfig(policy=str(SHIPPED / task), task=task, episodes=50, seed=1000, out=tmp_path))
     assert lo <= 100 * result.success_rate <= hi
+
+
+def test_pusht_keypoints_checkpoint_fits_and_runs(tmp_path: Path):
+    """A policy with the features of LeRobot's PushT-keypoints diffusion checkpoint (agent_pos 2,
+    keypoints 16, action 2) fits the pusht task unchanged, and eval runs it (termination on success)."""
+    import torch
+    from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
+    from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
+    from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+
+    from simpo_robot.policy_io import save_policy
+
+    config = DiffusionConfig(
+        input_features={"observation.state": PolicyFeature(FeatureType.STATE, (2,)),
+                        "observation.environment_state": PolicyFeature(FeatureType.ENV, (16,))},
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (2,))},
+        normalization_mapping={"STATE": NormalizationMode.MIN_MAX, "ENV": NormalizationMode.MIN_MAX,
+                               "ACTION": NormalizationMode.MIN_MAX},
+        horizon=8, n_action_steps=8, down_dims=(8, 16), diffusion_step_embed_dim=8, n_groups=4, kernel_size=3,
+        num_inference_steps=1, noise_scheduler_type="DDIM", device="cpu", push_to_hub=False)
+    box = {"min": torch.zeros(1), "max": torch.full((1,), 512.0)}
+    stats = {k: {s: v.expand(n) for s, v in box.items()}
+             for k, n in [("observation.state", 2), ("observation.environment_state", 16), ("action", 2)]}
+    save_policy(DiffusionPolicy(config), tmp_path / "pusht", *make_pre_post_processors(config, dataset_stats=stats))
+    result = run_eval(EvalConfig(policy=str(tmp_path / "pusht"), task="pusht", episodes=1, out=tmp_path / "eval"))
+    assert len(result.per_episode) == 1 and 0.0 <= result.per_episode[0].max_reward <= 1.0
