@@ -33,6 +33,8 @@ def save_tiny_policy(
     from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
     from lerobot.policies.factory import make_pre_post_processors
 
+    from simpo_robot.policy_io import save_policy
+
     torch.manual_seed(seed)
     config = DiffusionConfig(
         input_features={
@@ -58,9 +60,4 @@ def save_tiny_policy(
         "action": {"min": -2 * torch.ones(ACTION_DIM), "max": 2 * torch.ones(ACTION_DIM)},
     }
     preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=stats)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    policy.save_pretrained(out)
-    preprocessor.save_pretrained(out)
-    postprocessor.save_pretrained(out)
-    return out
+    return save_policy(policy, out_dir, preprocessor, postprocessor)
