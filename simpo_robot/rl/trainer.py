@@ -1,16 +1,16 @@
 """`simpo-robot finetune`: online fine-tuning of a pretrained diffusion policy, one loop for every algorithm.
 
 Reads top to bottom (CleanRL-style):
-    seed -> task, envs -> policy, critics, pi_old, temperature -> optimisers, Accelerate -> loop:
-        collect one action chunk in every env (one MDP step) -> replay
-        critic updates (TD with clipped double Q, next chunk from the current actor, EMA targets)
-        actor update from the algorithm (SiMPO: particles from pi_old, weights, weighted denoising)
-        log (metrics.jsonl + TensorBoard), evaluate periodically (learning curve)
-    -> final evaluation, DIR/final/ (LeRobot layout + training_info.json), eval_info.json, curve PNG.
+    seed -> task, policy -> agent (SimpoAgent or DppoAgent) -> Accelerate prepare -> envs -> loop:
+        collect one action chunk in every env with the agent's sampler (one MDP step) -> agent.observe
+        agent.update when it is ready (SiMPO: critic + particle-weighted denoising; DPPO: PPO epochs)
+        log (metrics.jsonl + TensorBoard), evaluate periodically (learning curve), checkpoint
+    -> final evaluation, OUT/final/ (LeRobot layout + training_info.json), eval_info.json, curve PNG.
 
-Accelerate appears only here. Each process runs its own environments with its own seed; gradients are
-all-reduced through the prepared modules (the critic and the DenoisingObjective wrapping the policy's
-UNet); metrics are gathered; only the main process writes.
+Accelerate appears only here: agents take their optimiser steps through `step` (backward, clipping,
+collective NaN skip) and receive `gather`/`unwrap` as plain functions. Each process runs its own
+environments with its own seed; gradients are all-reduced through the prepared modules; metrics are
+gathered; only the main process writes.
 """
 
 import json
