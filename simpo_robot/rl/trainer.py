@@ -251,7 +251,7 @@ def _all_finite(*modules: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
 
 
-def _save_checkpoint(accelerator, out: Path, rank_state: dict, modules: tuple) -> bool:
+def _save_checkpoint(accelerator, out: Path, rank_state: dict, modules: list[torch.nn.Module]) -> bool:
     """Resumable state into OUT/checkpoints/last, atomically: written aside, then swapped in by rename."""
     if not _all_finite(*modules):
         log.error("parameters are not finite: checkpoint not saved (the last good one is kept)")
