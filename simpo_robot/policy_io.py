@@ -1,6 +1,7 @@
 """Load and save LeRobot policies: a local folder or a Hugging Face Hub repo id, in LeRobot's layout.
 
-A policy folder holds what `lerobot-train` writes and what `DiffusionPolicy.from_pretrained` reads:
+A policy folder holds what `lerobot-train` writes and what `DiffusionPolicy.from_pretrained` reads (or
+`FlowPolicy.from_pretrained` for simpo-robot's own "flow" type, registered by `simpo_robot.policies`):
 
     config.json                                   policy config (its `type` picks the policy class)
     model.safetensors                             weights
@@ -105,6 +106,8 @@ def _check_file(folder: Path, name: str) -> Path:
 def load_policy_config(ref: str | Path, cache_dir: str | Path | None = None) -> tuple[Path, Any]:
     """Resolve `ref` and parse its config.json into the registered config class (by its `type`)."""
     from lerobot.configs.policies import PreTrainedConfig
+
+    import simpo_robot.policies  # noqa: F401  (registers simpo-robot's policy types, e.g. "flow")
 
     folder = resolve_policy_path(ref, cache_dir)
     config_file = _check_file(folder, CONFIG_FILE)
