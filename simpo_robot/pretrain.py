@@ -1,9 +1,11 @@
-"""`simpo-robot pretrain`: behaviour-clone a LeRobot `DiffusionPolicy` from a local LeRobot dataset.
+"""`simpo-robot pretrain`: behaviour-clone a LeRobot `DiffusionPolicy` (or a `FlowPolicy`) from a local dataset.
 
-State-only diffusion policy (no camera): a small 1-D conditional UNet over action chunks. Feature shapes
-come from the task's env spaces and must match the dataset's. Training uses Accelerate; the output folder
-has LeRobot's layout (config.json, model.safetensors, policy_{pre,post}processor.json + stats), which stock
-`DiffusionPolicy.from_pretrained` and `make_pre_post_processors(pretrained_path=...)` load.
+State-only policy (no camera): a small 1-D conditional UNet over action chunks, trained as a DDPM noise
+predictor (`--policy-type diffusion`, the default) or as a rectified-flow velocity field (`--policy-type flow`,
+`simpo_robot.policies.flow`). Feature shapes come from the task's env spaces and must match the dataset's.
+Training uses Accelerate; the output folder has LeRobot's layout (config.json, model.safetensors,
+policy_{pre,post}processor.json + stats), which stock `DiffusionPolicy.from_pretrained` (or, after
+`import simpo_robot.policies`, `FlowPolicy.from_pretrained`) and `make_pre_post_processors(pretrained_path=...)` load.
 
 The windows (n_obs_steps observations, horizon actions, padding flags) are read once through
 `LeRobotDataset` with LeRobot's delta timestamps and kept in memory: the datasets are small and CPU time
@@ -27,6 +29,8 @@ from simpo_robot.tasks import TaskSpec, load_task, policy_features
 
 log = logging.getLogger(__name__)
 
+POLICY_TYPES = ("diffusion", "flow")
+
 
 @dataclass
 class PretrainConfig:
@@ -36,6 +40,8 @@ class PretrainConfig:
     """Local LeRobot dataset folder (from `simpo-robot collect`)."""
     out: Path = Path("outputs/pretrained/fetch_push")
     """Folder to write the policy to (LeRobot layout)."""
+    policy_type: str = "diffusion"
+    """"diffusion" (LeRobot DiffusionPolicy, DDIM sampling) or "flow" (rectified flow, Euler sampling)."""
     max_episodes: int | None = None
     """Train on the first this many episodes of the dataset only (None: all)."""
     steps: int = 3000
@@ -57,13 +63,18 @@ class PretrainConfig:
     n_groups: int = 8
     diffusion_step_embed_dim: int = 64
     num_train_timesteps: int = 100
+    """Diffusion only: length of the DDPM noise schedule."""
     num_inference_steps: int = 10
-    """Denoising steps at inference (DDIM)."""
+    """Steps at inference: DDIM denoising steps (diffusion) or Euler steps K (flow)."""
+    timestep_scale: float = 100.0
+    """Flow only: the UNet's time embedding sees t * timestep_scale for flow time t in [0, 1]."""
     log_every: int = 250
     overwrite: bool = False
     """Replace `out` if it already holds a policy."""
 
     def __post_init__(self) -> None:
+        if self.policy_type not in POLICY_TYPES:
+            raise ValueError(f"policy_type must be one of {POLICY_TYPES}, got {self.policy_type!r}")
         for name in ("steps", "batch_size", "n_obs_steps", "horizon", "n_action_steps", "num_inference_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -86,6 +97,45 @@ class PretrainResult(NamedTuple):
     num_params: int
     episodes: int
     frames: int
+
+
+def make_policy_config(spec: TaskSpec, cfg: PretrainConfig, device: str = "cpu") -> Any:
+    """The policy config of `cfg.policy_type` for `spec` with the sizes in `cfg`."""
+    if cfg.policy_type == "flow":
+        return make_flow_config(spec, cfg, device)
+    return make_diffusion_config(spec, cfg, device)
+
+
+def make_flow_config(spec: TaskSpec, cfg: PretrainConfig, device: str = "cpu") -> Any:
+    """A `FlowConfig` for `spec`: the same features, normalisation and UNet sizes as `make_diffusion_config`."""
+    from lerobot.configs.types import NormalizationMode
+
+    from simpo_robot.policies.flow import FlowConfig
+
+    feats = policy_features(spec)
+    return FlowConfig(
+        input_features=dict(feats.inputs),
+        output_features=dict(feats.outputs),
+        normalization_mapping={
+            "STATE": NormalizationMode.MEAN_STD,
+            "ENV": NormalizationMode.MEAN_STD,
+            "ACTION": NormalizationMode.MIN_MAX,
+        },
+        n_obs_steps=cfg.n_obs_steps,
+        horizon=cfg.horizon,
+        n_action_steps=cfg.n_action_steps,
+        drop_n_last_frames=cfg.horizon - cfg.n_action_steps - cfg.n_obs_steps + 1,
+        down_dims=tuple(cfg.down_dims),
+        kernel_size=cfg.kernel_size,
+        n_groups=cfg.n_groups,
+        diffusion_step_embed_dim=cfg.diffusion_step_embed_dim,
+        timestep_scale=cfg.timestep_scale,
+        num_inference_steps=cfg.num_inference_steps,
+        optimizer_lr=cfg.lr,
+        optimizer_weight_decay=cfg.weight_decay,
+        device=device,
+        push_to_hub=False,
+    )
 
 
 def make_diffusion_config(spec: TaskSpec, cfg: PretrainConfig, device: str = "cpu") -> Any:
@@ -176,10 +226,10 @@ def _stats(windows: dict[str, torch.Tensor], policy_cfg: Any) -> dict[str, dict[
 def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
-    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    import simpo_robot.policies  # noqa: F401  (registers the "flow" type with LeRobot's factory)
     from simpo_robot.policy_io import save_policy
 
     spec = load_task(cfg.task)
@@ -188,11 +238,11 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         raise SimpoRobotError(f"{out} already holds a policy; pass --overwrite true or another --out.")
     accelerator = Accelerator()
     set_seed(cfg.seed, device_specific=True)
-    policy_cfg = make_diffusion_config(spec, cfg, device=accelerator.device.type)
+    policy_cfg = make_policy_config(spec, cfg, device=accelerator.device.type)
     windows, stats, n_episodes, n_frames = _load_windows(Path(cfg.dataset), spec, policy_cfg, cfg.max_episodes)
     preprocessor, postprocessor = make_pre_post_processors(policy_cfg, dataset_stats=stats)
 
-    policy = DiffusionPolicy(policy_cfg)
+    policy = get_policy_class(policy_cfg.type)(policy_cfg)
     policy.train()
     num_params = sum(p.numel() for p in policy.parameters())
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.95, 0.999),
@@ -204,8 +254,8 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     index_loader = torch.utils.data.DataLoader(list(range(len(windows["action"]))), batch_size=cfg.batch_size,
                                                sampler=sampler, drop_last=True)
     policy, optimizer, scheduler, index_loader = accelerator.prepare(policy, optimizer, scheduler, index_loader)
-    log.info("pretraining a %.2fM-parameter diffusion policy on %d episodes (%d frames) of %s for %d steps",
-             num_params / 1e6, n_episodes, n_frames, spec.name, cfg.steps)
+    log.info("pretraining a %.2fM-parameter %s policy on %d episodes (%d frames) of %s for %d steps",
+             num_params / 1e6, cfg.policy_type, n_episodes, n_frames, spec.name, cfg.steps)
 
     start, losses, recent = time.time(), [], float("nan")
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -223,7 +273,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
             losses.append(loss.item())
             if step % cfg.log_every == 0 or step == cfg.steps:
                 recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
-                log.info("step %d/%d  losses/diffusion %.4f  lr %.2e", step, cfg.steps, recent,
+                log.info("step %d/%d  losses/%s %.4f  lr %.2e", step, cfg.steps, cfg.policy_type, recent,
                          scheduler.get_last_lr()[0])
             progress.update(bar, advance=1, loss=losses[-1])
     seconds = time.time() - start
@@ -234,7 +284,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         unwrapped.config.device = "cpu"  # a shareable artifact loads anywhere; load_policy picks the device
         save_policy(unwrapped.to("cpu"), out, preprocessor, postprocessor)
         (out / "train_info.json").write_text(json.dumps({
-            "task": spec.name, "dataset": str(cfg.dataset), "episodes": n_episodes, "frames": n_frames,
+            "task": spec.name, "policy_type": cfg.policy_type, "dataset": str(cfg.dataset), "episodes": n_episodes, "frames": n_frames,
             "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
             "final_loss": recent, "train_seconds": round(seconds, 1), "num_params": num_params,
         }, indent=2))
@@ -258,18 +308,32 @@ def write_model_card(policy_dir: str | Path, eval_info_path: str | Path, command
     task = train["task"]
     size_mb = (policy_dir / "model.safetensors").stat().st_size / 1e6
     cfg_json = _policy_config(policy_dir)
+    name = policy_dir.name
+    if cfg_json["type"] == "flow":
+        kind, tag, cls = "flow-matching", "flow-matching", "FlowPolicy"
+        what = ("simpo-robot `FlowPolicy` (LeRobot policy type `flow`, registered by `import simpo_robot.policies`; "
+                "rectified flow with LeRobot's diffusion-policy 1-D conditional UNet as the velocity network")
+        sampling = (f"{cfg_json['num_inference_steps']} Euler steps from noise (t = 0) to action (t = 1), "
+                    f"time embedding input t * {cfg_json['timestep_scale']:g}")
+        load = (f'loaded = load_policy("pretrained/{name}")         '
+                f'# import simpo_robot.policies; FlowPolicy.from_pretrained("pretrained/{name}")')
+    else:
+        kind, tag, cls = "diffusion", "diffusion-policy", "DiffusionPolicy"
+        what = "LeRobot `DiffusionPolicy` (1-D conditional UNet"
+        sampling = f"DDIM with {cfg_json['num_inference_steps']} denoising steps"
+        load = f'loaded = load_policy("pretrained/{name}")         # DiffusionPolicy.from_pretrained("pretrained/{name}")'
     card = f"""---
 library_name: lerobot
 license: apache-2.0
 pipeline_tag: robotics
 tags:
 - lerobot
-- diffusion-policy
+- {tag}
 - robotics
 - simpo-robot
 - {task}
 model-index:
-- name: simpo-robot/{task}-diffusion-pretrained
+- name: simpo-robot/{task}-{kind}-pretrained
   results:
   - task:
       type: robotics
@@ -280,9 +344,9 @@ model-index:
       name: success rate (%) over {n} episodes, seeds {seeds[0]}-{seeds[-1]}
 ---
 
-# {task}: deliberately imperfect pretrained diffusion policy
+# {name}: deliberately imperfect pretrained {kind} policy
 
-A small state-only LeRobot `DiffusionPolicy` (1-D conditional UNet, {train['num_params'] / 1e6:.2f}M parameters,
+A small state-only {what}, {train['num_params'] / 1e6:.2f}M parameters,
 {size_mb:.1f} MB) behaviour-cloned from scripted demonstrations of the `{task}` task (`tasks/{task}.yaml`).
 It is the starting point for SiMPO fine-tuning and is **deliberately imperfect**: a small network trained
 briefly on noisy demonstrations, far from converged, so that reinforcement learning has room to improve it.
@@ -293,28 +357,28 @@ briefly on noisy demonstrations, far from converged, so that reinforcement learn
 |---|---|---|---|---|
 | {n} | {seeds[0]}..{seeds[-1]} | {agg['pc_success']:.1f}% | [{lo:.1f}, {hi:.1f}]% | {agg['avg_sum_reward']:.2f} |
 
-Evaluation: `simpo-robot eval` on CPU; episode i is reset with seed {seeds[0]} + i and diffusion noise is seeded
+Evaluation: `simpo-robot eval` on CPU; episode i is reset with seed {seeds[0]} + i and the sampling noise is seeded
 per batch of 25 episodes, so the first 50 episodes of this run are exactly what
-`simpo-robot eval --policy pretrained/{task} --task {task} --episodes 50` gives. Success =
+`simpo-robot eval --policy pretrained/{name} --task {task} --episodes 50` gives. Success =
 `info["is_success"]` at the last step of the 50-step episode.
 
 Policy: observations `observation.state` {tuple(cfg_json['input_features']['observation.state']['shape'])} (robot) and
 `observation.environment_state` {tuple(cfg_json['input_features']['observation.environment_state']['shape'])} (object + goal), {cfg_json['n_obs_steps']} observation steps; predicts
-{cfg_json['horizon']}-step action chunks and executes {cfg_json['n_action_steps']} before re-planning; DDIM with {cfg_json['num_inference_steps']} denoising
-steps; UNet widths {tuple(cfg_json['down_dims'])}.
+{cfg_json['horizon']}-step action chunks and executes {cfg_json['n_action_steps']} before re-planning; {sampling};
+UNet widths {tuple(cfg_json['down_dims'])}.
 
 ## Training
 
 - data: {train['episodes']} successful scripted-expert episodes ({train['frames']} frames) from `{train['dataset']}`,
   recorded with Gaussian action noise and cut 10 steps after the first success (`simpo-robot collect` defaults)
 - {train['steps']} AdamW steps, batch {train['batch_size']}, lr {train['lr']} (cosine), seed {train['seed']},
-  final diffusion loss {train['final_loss']:.4f}, {train['train_seconds']:.0f} s of training on one CPU thread
+  final {kind} loss {train['final_loss']:.4f}, {train['train_seconds']:.0f} s of training on one CPU thread
 {notes}
 ## Load it
 
 ```python
-from simpo_robot.policy_io import load_policy      # or stock LeRobot:
-loaded = load_policy("pretrained/{task}")         # DiffusionPolicy.from_pretrained("pretrained/{task}")
+from simpo_robot.policy_io import load_policy      # or with LeRobot's {cls}:
+{load}
 ```
 
 ## Rebuild it
