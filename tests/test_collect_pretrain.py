@@ -1,5 +1,6 @@
 """collect -> LeRobot dataset on disk; pretrain -> LeRobot policy folder that stock LeRobot loads."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,33 @@ def test_pretrain_writes_lerobot_layout(dataset: Path, tmp_path: Path):
     batch = pre({"observation.state": torch.zeros(10), "observation.environment_state": torch.zeros(3)})
     action = post(policy.select_action(batch))
     assert action.shape == (1, 4)
+
+
+def test_pretrain_flow_policy_loads_and_acts(dataset: Path, tmp_path: Path):
+    from lerobot.configs.policies import PreTrainedConfig
+
+    from simpo_robot.policies.flow import FlowPolicy
+    from simpo_robot.policy_io import load_policy
+
+    assert main(["pretrain", "--task", "fetch_reach", "--dataset", str(dataset), "--out", str(tmp_path / "f"),
+                 "--policy-type", "flow", "--steps", "4", "--batch-size", "8", "--horizon", "8",
+                 "--n-action-steps", "4", "--down-dims", "[8,16]", "--n-groups", "4",
+                 "--diffusion-step-embed-dim", "8", "--kernel-size", "3", "--num-inference-steps", "2",
+                 "--log-every", "2"]) == 0
+    config = PreTrainedConfig.from_pretrained(tmp_path / "f")
+    assert config.type == "flow" and config.num_inference_steps == 2 and config.timestep_scale == 100.0
+    assert config.input_features["observation.environment_state"].shape == (3,)
+    loaded = load_policy(tmp_path / "f")
+    assert isinstance(loaded.policy, FlowPolicy)
+    batch = loaded.preprocessor({"observation.state": torch.zeros(10), "observation.environment_state": torch.zeros(3)})
+    assert loaded.postprocessor(loaded.policy.select_action(batch)).shape == (1, 4)
+    info = json.loads((tmp_path / "f" / "train_info.json").read_text())
+    assert info["policy_type"] == "flow" and np.isfinite(info["final_loss"])
+
+
+def test_pretrain_unknown_policy_type():
+    with pytest.raises(ValueError, match="policy_type must be one of"):
+        PretrainConfig(policy_type="gan")
 
 
 def test_pretrain_max_episodes_and_seed(dataset: Path, tmp_path: Path):

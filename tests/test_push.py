@@ -244,3 +244,21 @@ def test_cli_dry_run(policy, tmp_path):
     assert main(["push", "--policy", str(policy), "--repo-id", "me/cli", "--dry-run", str(out)]) == 0
     assert (out / "README.md").is_file() and (out / "model.safetensors").is_file()
     assert main(["push", "--policy", str(tmp_path / "missing"), "--repo_id", "me/cli", "--dry_run", str(out)]) == 1
+
+
+def test_flow_bundle_push_to_the_hub_stand_in(hub, tmp_path):
+    """A flow policy exported as a bundle: its velocity.onnx goes up with it and the card says how to load it."""
+    from simpo_robot.deploy.export import ExportConfig, run_export
+    from simpo_robot.deploy.testing import save_tiny_flow_policy
+
+    policy = save_tiny_flow_policy(tmp_path / "flow", num_inference_steps=2)
+    (policy / "train_info.json").write_text(json.dumps({"task": "fetch_push", "policy_type": "flow"}))
+    bundle = run_export(ExportConfig(policy=str(policy), out=tmp_path / "bundle")).bundle
+    result = run_push(PushConfig(policy=bundle, repo_id="me/flow-bundle"))
+    committed = hub.repos["me/flow-bundle"]["commits"][0]
+    assert sorted(committed) == result.files
+    assert {"velocity.onnx", "deploy.json", "config.json", "model.safetensors", "train_info.json"} <= set(committed)
+    assert committed["velocity.onnx"] == (bundle / "velocity.onnx").read_bytes()
+    card = committed["README.md"].decode()
+    assert "flow" in _header(card)["tags"] and "2 Euler steps (rectified flow)" in card
+    assert 'FlowPolicy.from_pretrained("me/flow-bundle")' in card and "import simpo_robot.policies" in card

@@ -1,16 +1,20 @@
 """A deploy bundle and the inference engine that runs it (in-process, behind the server, in benchmarks).
 
 A bundle is a LeRobot policy folder (so `DiffusionPolicy.from_pretrained`, `make_pre_post_processors`
-and LeRobot's async-inference policy server load it as is) plus two files:
+and LeRobot's async-inference policy server load it as is; a flow policy after `import simpo_robot.policies`)
+plus two files:
 
     deploy.json      BundleManifest: features, chunking, control rate, sampler settings, export check
-    denoiser.onnx    the noise-prediction network (inputs sample (B,H,Da), timestep (B,), global_cond (B,C))
+    denoiser.onnx    diffusion: the noise-prediction network (inputs sample (B,H,Da), timestep (B,) int64,
+                     global_cond (B,C))
+    velocity.onnx    flow (instead of denoiser.onnx): the velocity network (inputs sample (B,H,Da),
+                     t (B,) float32 in [0, 1], global_cond (B,C))
 
 Observations for one request: a map feature name -> float array of shape (n_obs_steps, *feature shape),
 the last n_obs_steps frames, oldest first (what LeRobot's DiffusionPolicy keeps in its queues).
 The engine returns the executed part of the chunk, (n_action_steps, Da), unnormalised.
 
-Shapes: `T` n_obs_steps, `H` horizon, `Da` action dim, `C` global conditioning dim, `K` denoising steps.
+Shapes: `T` n_obs_steps, `H` horizon, `Da` action dim, `C` global conditioning dim, `K` denoising/Euler steps.
 """
 
 from __future__ import annotations
@@ -25,13 +29,17 @@ from typing import Any, Literal
 import numpy as np
 
 from simpo_robot.deploy.sampler import (
+    FlowSamplerSettings,
     OnnxDenoiser,
+    OnnxVelocity,
     SamplerNoise,
     SamplerSettings,
     SamplerTables,
     TorchDenoiser,
+    TorchVelocity,
     make_tables,
     sample,
+    sample_flow,
 )
 from simpo_robot.errors import SimpoRobotError
 
@@ -39,6 +47,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "deploy.json"
 ONNX_FILE = "denoiser.onnx"
+FLOW_ONNX_FILE = "velocity.onnx"
+ONNX_FILES = {"diffusion": ONNX_FILE, "flow": FLOW_ONNX_FILE}
+"""The exported network's file per policy type (the policy types a bundle can hold)."""
 FORMAT_VERSION = 1
 ACCEPTED_DTYPES = ("float32", "float64")
 """Observation dtypes a request may use; float64 is cast to float32 (the policy's dtype)."""
@@ -60,7 +71,7 @@ class BundleManifest:
     """Everything a server or client needs to know about a bundle besides the weights (deploy.json)."""
 
     policy_type: str
-    """LeRobot policy type ("diffusion")."""
+    """LeRobot policy type: "diffusion" or "flow"."""
     policy_name: str
     """A human name: the source folder's name or the Hub repo id."""
     source: str
@@ -76,7 +87,8 @@ class BundleManifest:
     global_cond_dim: int
     control_hz: float | None
     """Control rate the policy was trained at (steps per second), when known."""
-    sampler: SamplerSettings
+    sampler: SamplerSettings | FlowSamplerSettings
+    """DDPM/DDIM settings (diffusion) or Euler settings (flow)."""
     onnx_file: str = ONNX_FILE
     onnx_opset: int | None = None
     export_check: ExportCheck | None = None
@@ -85,6 +97,11 @@ class BundleManifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if self.policy_type not in ONNX_FILES:
+            raise ValueError(f"policy_type {self.policy_type!r} is not one of {sorted(ONNX_FILES)}")
+        settings_cls = FlowSamplerSettings if self.policy_type == "flow" else SamplerSettings
+        if not isinstance(self.sampler, settings_cls):
+            raise ValueError(f"a {self.policy_type} bundle needs {settings_cls.__name__}, got {type(self.sampler).__name__}")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"bundle format_version {self.format_version} is not supported (expected {FORMAT_VERSION})")
         if not 1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1:
@@ -102,7 +119,8 @@ class BundleManifest:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> BundleManifest:
         raw = dict(raw)
-        raw["sampler"] = SamplerSettings(**raw["sampler"])
+        settings_cls = FlowSamplerSettings if raw.get("policy_type") == "flow" else SamplerSettings
+        raw["sampler"] = settings_cls(**raw["sampler"])
         if raw.get("export_check") is not None:
             raw["export_check"] = ExportCheck(**raw["export_check"])
         return cls(**raw)
@@ -172,8 +190,10 @@ class PolicyEngine:
     preprocessor: Any
     postprocessor: Any
     backend: Backend
-    denoiser: Any
-    tables: SamplerTables = field(repr=False)
+    network: Any
+    """The sampler's network: a noise predictor (diffusion) or a velocity field (flow), torch or ONNX."""
+    tables: SamplerTables | None = field(repr=False)
+    """The diffusion step tables; None for a flow policy (Euler steps need only K)."""
 
     @classmethod
     def load(cls, bundle_dir: str | Path, backend: Backend = "torch", onnx_threads: int = 1) -> PolicyEngine:
@@ -182,13 +202,18 @@ class PolicyEngine:
         bundle_dir = Path(bundle_dir)
         manifest = BundleManifest.read(bundle_dir)
         loaded = load_policy(bundle_dir, device="cpu")
+        if loaded.config.type != manifest.policy_type:
+            raise SimpoRobotError(
+                f"{bundle_dir}: {MANIFEST_FILE} says policy type {manifest.policy_type!r}, config.json says "
+                f"{loaded.config.type!r}; re-export it with `simpo-robot export`.")
+        flow = manifest.policy_type == "flow"
         if backend == "torch":
-            denoiser: Any = TorchDenoiser(loaded.policy.diffusion.unet)
+            network: Any = TorchVelocity(loaded.policy.flow) if flow else TorchDenoiser(loaded.policy.diffusion.unet)
         elif backend == "onnx":
             onnx_path = bundle_dir / manifest.onnx_file
             if not onnx_path.is_file():
                 raise SimpoRobotError(f"{bundle_dir} has no {manifest.onnx_file}; re-export it with `simpo-robot export`.")
-            denoiser = OnnxDenoiser.load(str(onnx_path), threads=onnx_threads)
+            network = (OnnxVelocity if flow else OnnxDenoiser).load(str(onnx_path), threads=onnx_threads)
         else:
             raise SimpoRobotError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         return cls(
@@ -197,8 +222,8 @@ class PolicyEngine:
             preprocessor=loaded.preprocessor,
             postprocessor=loaded.postprocessor,
             backend=backend,
-            denoiser=denoiser,
-            tables=make_tables(manifest.sampler),
+            network=network,
+            tables=None if flow else make_tables(manifest.sampler),
         )
 
     def validate(self, observation: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -231,20 +256,29 @@ class PolicyEngine:
         return out
 
     def draw_noise(self, rng: np.random.Generator, batch: int = 1) -> SamplerNoise:
+        """The initial sample (B, H, Da) and, for DDPM, the per-step noise (a flow sampler needs none after x_0)."""
         m = self.manifest
-        return SamplerNoise.draw(rng, batch, m.horizon, m.action_dim, len(self.tables.timesteps))
+        steps = 0 if self.tables is None else len(self.tables.timesteps)
+        return SamplerNoise.draw(rng, batch, m.horizon, m.action_dim, steps)
 
     def global_conditioning(self, batch: dict[str, Any]) -> np.ndarray:
-        """Normalised batch (B, T, ...) tensors -> (B, C) float32, exactly as LeRobot's DiffusionModel builds it."""
+        """Normalised batch (B, T, ...) tensors -> (B, C) float32, exactly as the policy's own model builds it."""
         import torch
         from lerobot.utils.constants import OBS_IMAGES
 
         config = self.policy.config
+        model = self.policy.flow if self.manifest.policy_type == "flow" else self.policy.diffusion
         batch = dict(batch)
         if config.image_features:
             batch[OBS_IMAGES] = torch.stack([batch[key] for key in config.image_features], dim=-4)
         with torch.inference_mode():
-            return self.policy.diffusion._prepare_global_conditioning(batch).numpy()
+            return model._prepare_global_conditioning(batch).numpy()
+
+    def sample(self, global_cond: np.ndarray, noise: SamplerNoise) -> np.ndarray:
+        """The full chunk (B, H, Da) in the normalised action space: the diffusion or the flow loop."""
+        if self.tables is None:
+            return sample_flow(self.network, global_cond, noise, self.manifest.sampler)
+        return sample(self.network, global_cond, noise, self.tables, self.manifest.sampler)
 
     def infer(
         self,
@@ -285,7 +319,7 @@ class PolicyEngine:
             parts = [self.draw_noise(np.random.default_rng(seed)) for seed in seeds]
             noise = SamplerNoise(initial=np.concatenate([p.initial for p in parts]),
                                  steps=np.concatenate([p.steps for p in parts], axis=1))
-        chunk = sample(self.denoiser, cond, noise, self.tables, self.manifest.sampler)
+        chunk = self.sample(cond, noise)
         start = self.manifest.n_obs_steps - 1  # as DiffusionModel.generate_actions
         chunk = chunk[:, start : start + self.manifest.n_action_steps]
         t2 = time.perf_counter()

@@ -2,9 +2,11 @@
 
 The bundle is the policy in LeRobot's layout (config.json, model.safetensors, processor files: LeRobot's
 factory and its async-inference server load it as is), `deploy.json` (features, chunk length, control
-rate, sampler settings) and `denoiser.onnx`, the noise-prediction network that onnxruntime runs inside
-the same sampling loop as torch (see `simpo_robot.deploy.sampler`). Export checks that ONNX and torch
-give the same actions for the same conditioning and noise and refuses a bundle where they do not.
+rate, sampler settings) and the network that onnxruntime runs inside the same sampling loop as torch (see
+`simpo_robot.deploy.sampler`): `denoiser.onnx`, the noise predictor of a diffusion policy, or
+`velocity.onnx`, the velocity field of a flow policy (with the time scaling of `FlowModel.velocity` inside,
+so it takes t in [0, 1]). Export checks that ONNX and torch give the same actions for the same
+conditioning and noise and refuses a bundle where they do not.
 """
 
 from __future__ import annotations
@@ -20,14 +22,19 @@ from typing import Any
 
 import numpy as np
 
-from simpo_robot.deploy.bundle import MANIFEST_FILE, ONNX_FILE, BundleManifest, ExportCheck
+from simpo_robot.deploy.bundle import MANIFEST_FILE, ONNX_FILES, BundleManifest, ExportCheck
 from simpo_robot.deploy.sampler import (
+    FlowSamplerSettings,
     OnnxDenoiser,
+    OnnxVelocity,
     SamplerNoise,
     SamplerSettings,
     TorchDenoiser,
+    TorchVelocity,
     make_tables,
     sample,
+    sample_flow,
+    settings_for,
 )
 from simpo_robot.errors import SimpoRobotError
 
@@ -47,7 +54,7 @@ class ExportConfig:
     control_hz: float | None = None
     """Control rate in steps per second; default: the source bundle's, its training_info.json's, or its task's."""
     num_inference_steps: int | None = None
-    """Override the number of denoising steps (default: the policy config's)."""
+    """Override the number of denoising steps (diffusion) or Euler steps K (flow); default: the policy config's."""
     max_rel_error: float = 1e-4
     """Largest accepted ONNX-vs-torch relative action error in the export check."""
     overwrite: bool = False
@@ -97,6 +104,36 @@ def export_onnx(unet: Any, path: Path, horizon: int, action_dim: int, global_con
     program.save(str(path))
 
 
+def export_velocity_onnx(flow: Any, path: Path, horizon: int, action_dim: int, global_cond_dim: int) -> None:
+    """Export `flow.velocity` (sample (B,H,Da), t (B,) float32 in [0, 1], global_cond (B,C)) -> (B,H,Da)."""
+    import torch
+
+    from simpo_robot.policies.flow.modeling_flow import VelocityNetwork
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    args = (torch.zeros(2, horizon, action_dim), torch.full((2,), 0.5), torch.zeros(2, global_cond_dim))
+    network = VelocityNetwork(flow).eval()
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*axis name.*")
+        program = torch.onnx.export(
+            network,
+            args,
+            input_names=["sample", "t", "global_cond"],
+            output_names=["velocity"],
+            dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "global_cond": {0: batch}},
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            verbose=False,
+        )
+    program.save(str(path))
+
+
+def _check(ref: np.ndarray, got: np.ndarray) -> ExportCheck:
+    max_abs = float(np.abs(got - ref).max())
+    return ExportCheck(max_abs_error=max_abs, rel_error=max_abs / max(float(np.abs(ref).max()), 1e-12))
+
+
 def check_onnx(unet: Any, onnx_path: Path, settings: SamplerSettings, horizon: int, action_dim: int,
                global_cond_dim: int, seed: int = 0, batch: int = 4) -> ExportCheck:
     """Sample the same chunks with the torch and the ONNX denoiser (same conditioning, same noise)."""
@@ -106,8 +143,18 @@ def check_onnx(unet: Any, onnx_path: Path, settings: SamplerSettings, horizon: i
     noise = SamplerNoise.draw(rng, batch, horizon, action_dim, len(tables.timesteps))
     ref = sample(TorchDenoiser(unet), cond, noise, tables, settings)
     got = sample(OnnxDenoiser.load(str(onnx_path)), cond, noise, tables, settings)
-    max_abs = float(np.abs(got - ref).max())
-    return ExportCheck(max_abs_error=max_abs, rel_error=max_abs / max(float(np.abs(ref).max()), 1e-12))
+    return _check(ref, got)
+
+
+def check_velocity_onnx(flow: Any, onnx_path: Path, settings: FlowSamplerSettings, horizon: int, action_dim: int,
+                        global_cond_dim: int, seed: int = 0, batch: int = 4) -> ExportCheck:
+    """Sample the same chunks (K Euler steps) with the torch and the ONNX velocity network."""
+    rng = np.random.default_rng(seed)
+    cond = rng.standard_normal((batch, global_cond_dim), dtype=np.float32)
+    noise = SamplerNoise.draw(rng, batch, horizon, action_dim, 0)
+    ref = sample_flow(TorchVelocity(flow), cond, noise, settings)
+    got = sample_flow(OnnxVelocity.load(str(onnx_path)), cond, noise, settings)
+    return _check(ref, got)
 
 
 def _control_hz(cfg: ExportConfig, folder: Path) -> float | None:
@@ -144,12 +191,17 @@ def run_export(cfg: ExportConfig) -> ExportResult:
         shutil.rmtree(out)
     loaded = load_policy(cfg.policy, device="cpu")
     config = loaded.config
-    if config.type != "diffusion":
-        raise SimpoRobotError(f"export supports LeRobot diffusion policies; {cfg.policy!r} is {config.type!r}.")
+    if config.type not in ONNX_FILES:
+        raise SimpoRobotError(
+            f"export supports diffusion and flow policies; {cfg.policy!r} is a {config.type!r} policy.")
     if cfg.num_inference_steps is not None:
         config.num_inference_steps = cfg.num_inference_steps
-    settings = SamplerSettings.from_policy_config(config)
-    unet = loaded.policy.diffusion.unet
+    try:
+        settings = settings_for(config)
+    except ValueError as exc:
+        raise SimpoRobotError(f"--num_inference_steps {cfg.num_inference_steps} does not fit {cfg.policy!r}: {exc}") from exc
+    flow = config.type == "flow"
+    unet = loaded.policy.flow.unet if flow else loaded.policy.diffusion.unet
     # The FiLM layers see [timestep embedding, global cond]; the latter's width is what the network expects.
     global_cond_dim = unet.down_modules[0][0].cond_encoder[1].in_features - config.diffusion_step_embed_dim
     action_dim = int(np.prod(config.action_feature.shape))
@@ -159,15 +211,21 @@ def run_export(cfg: ExportConfig) -> ExportResult:
     for extra in _sidecar_files(loaded.path):
         shutil.copy2(loaded.path / extra, out / extra)
 
-    log.info("exporting the denoiser to ONNX (opset %d)", ONNX_OPSET)
+    onnx_file = ONNX_FILES[config.type]
+    log.info("exporting the %s network to ONNX (opset %d)", "velocity" if flow else "denoising", ONNX_OPSET)
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # per-pass INFO lines
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    export_onnx(unet, out / ONNX_FILE, config.horizon, action_dim, global_cond_dim)
-    check = check_onnx(unet, out / ONNX_FILE, settings, config.horizon, action_dim, global_cond_dim)
+    dims = (config.horizon, action_dim, global_cond_dim)
+    if flow:
+        export_velocity_onnx(loaded.policy.flow, out / onnx_file, *dims)
+        check = check_velocity_onnx(loaded.policy.flow, out / onnx_file, settings, *dims)
+    else:
+        export_onnx(unet, out / onnx_file, *dims)
+        check = check_onnx(unet, out / onnx_file, settings, *dims)
     log.info("ONNX vs torch: max abs error %.2e, relative %.2e", check.max_abs_error, check.rel_error)
     if not check.rel_error < cfg.max_rel_error:
         raise SimpoRobotError(
-            f"the ONNX denoiser differs from torch by {check.rel_error:.2e} (relative) > {cfg.max_rel_error:.0e}; "
+            f"the ONNX network differs from torch by {check.rel_error:.2e} (relative) > {cfg.max_rel_error:.0e}; "
             f"the bundle in {out} is incomplete."
         )
 
@@ -184,13 +242,14 @@ def run_export(cfg: ExportConfig) -> ExportResult:
         global_cond_dim=global_cond_dim,
         control_hz=_control_hz(cfg, loaded.path),
         sampler=settings,
+        onnx_file=onnx_file,
         onnx_opset=ONNX_OPSET,
         export_check=check,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     (out / MANIFEST_FILE).write_text(manifest.to_json())
-    log.info("bundle written to %s (%s, %d denoising steps, chunk of %d actions)", out,
-             settings.noise_scheduler_type, settings.num_inference_steps, config.n_action_steps)
+    log.info("bundle written to %s (%s, %d steps, chunk of %d actions)", out,
+             "Euler" if flow else settings.noise_scheduler_type, settings.num_inference_steps, config.n_action_steps)
     return ExportResult(bundle=out, manifest=manifest)
 
 

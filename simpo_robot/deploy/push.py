@@ -6,7 +6,7 @@ that would be committed to OUT (the upload stages the same folder) and needs no 
 
 What is uploaded: config.json, model.safetensors, policy_{pre,post}processor*.{json,safetensors},
 training_info.json and the learning-curve image it names, train_info.json (pretraining), deploy.json and
-denoiser.onnx when the folder is an export bundle, and README.md (generated, or the folder's own with
+denoiser.onnx (diffusion) or velocity.onnx (flow) when the folder is an export bundle, and README.md (generated, or the folder's own with
 `--card keep`). Other files in the folder are left out (and logged).
 
 The model card reads the optional sidecar `training_info.json` in the policy folder, which the trainer
@@ -58,7 +58,7 @@ LEROBOT_PATTERNS = (
     "policy_postprocessor*.json",
     "policy_postprocessor*.safetensors",
 )
-BUNDLE_FILES = ("deploy.json", "denoiser.onnx")
+BUNDLE_FILES = ("deploy.json", "denoiser.onnx", "velocity.onnx")
 CARD_MODES = ("generate", "keep")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TAG = re.compile(r"^[\w.-]+$")
@@ -182,6 +182,19 @@ def model_card(config: dict[str, Any], info: TrainingInfo | None, repo_id: str, 
     before = info.success_before.describe() if info.success_before else unknown
     after = info.success_after.describe() if info.success_after else unknown
     features = ", ".join(f"`{k}` {list(v.get('shape', []))}" for k, v in config.get("input_features", {}).items())
+    flow = config.get("type") == "flow"
+    if flow:
+        sampler = f"{config.get('num_inference_steps', '?')} Euler steps (rectified flow)"
+        use = ["import simpo_robot.policies  # registers the flow policy type with LeRobot",
+               "from simpo_robot.policies import FlowPolicy",
+               "from lerobot.policies.factory import make_pre_post_processors", "",
+               f'policy = FlowPolicy.from_pretrained("{repo_id}")']
+    else:
+        steps = config.get("num_inference_steps") or config.get("num_train_timesteps", "?")
+        sampler = f"{config.get('noise_scheduler_type', '?')} with {steps} steps"
+        use = ["from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy",
+               "from lerobot.policies.factory import make_pre_post_processors", "",
+               f'policy = DiffusionPolicy.from_pretrained("{repo_id}")']
     lines = [
         "---", data.to_yaml(), "---", "",
         f"# {repo_id}", "",
@@ -199,8 +212,7 @@ def model_card(config: dict[str, Any], info: TrainingInfo | None, repo_id: str, 
         f"| success before | {before} |",
         f"| success after | {after} |",
         f"| observations | {features or unknown} |",
-        f"| action chunk | {config.get('n_action_steps', '?')} of horizon {config.get('horizon', '?')}, "
-        f"{config.get('noise_scheduler_type', '?')} with {config.get('num_inference_steps') or config.get('num_train_timesteps', '?')} steps |",
+        f"| action chunk | {config.get('n_action_steps', '?')} of horizon {config.get('horizon', '?')}, {sampler} |",
         "",
     ]
     if info.learning_curve:
@@ -208,10 +220,7 @@ def model_card(config: dict[str, Any], info: TrainingInfo | None, repo_id: str, 
     lines += [
         "## Use", "",
         "```python",
-        "from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy",
-        "from lerobot.policies.factory import make_pre_post_processors",
-        "",
-        f'policy = DiffusionPolicy.from_pretrained("{repo_id}")',
+        *use,
         f'preprocessor, postprocessor = make_pre_post_processors(policy.config, pretrained_path="{repo_id}")',
         "```", "",
         "Or serve it to a robot: `simpo-robot export --policy "

@@ -1,7 +1,8 @@
-"""The diffusion sampling loop with explicit timesteps and explicit noise, in numpy around any denoiser.
+"""The sampling loops with explicit timesteps and explicit noise, in numpy around any network:
+diffusion (DDPM/DDIM around a noise predictor) and flow (Euler around a velocity field).
 
 Shapes: `B` batch, `H` horizon (steps the denoiser generates), `Da` action dim, `C` global
-conditioning dim, `K` inference (denoising) steps.
+conditioning dim, `K` inference (denoising or Euler) steps.
 
 The same loop runs around the torch noise-prediction network (`TorchDenoiser`) and around its ONNX
 export (`OnnxDenoiser`), so the two backends differ only in the network: given the same observation
@@ -20,6 +21,13 @@ model output m at timestep t with previous timestep t' (t' = -1 after the last s
 
 with a = alphas_cumprod (a_{-1} = 1) and z the explicit per-step noise. This is exactly what
 `DDPMScheduler.step` / `DDIMScheduler.step` compute (fixed_small variance, no thresholding).
+
+Flow (rectified flow, `simpo_robot.policies.flow`; t = 0 is noise, t = 1 the action), K Euler steps:
+
+    x_0 = initial noise,   x_{k+1} = x_k + (1/K) v(x_k, t_k),   t_k = k / K,   action = clip(x_K, -r, r)
+
+The velocity network takes t in [0, 1] (the torch policy and its ONNX export scale it for the UNet's
+time embedding themselves), so the loop needs nothing but K. It adds no noise after the initial sample.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ import numpy as np
 
 Denoiser = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 """(x (B, H, Da) float32, timestep (B,) int64, global_cond (B, C) float32) -> model output (B, H, Da)."""
+
+Velocity = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""(x (B, H, Da) float32, t (B,) float32 in [0, 1], global_cond (B, C) float32) -> velocity (B, H, Da)."""
 
 SCHEDULERS = ("DDPM", "DDIM")
 PREDICTION_TYPES = ("epsilon", "sample")
@@ -234,3 +245,85 @@ class OnnxDenoiser:
 
     def __call__(self, x: np.ndarray, timestep: np.ndarray, global_cond: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"sample": x, "timestep": timestep, "global_cond": global_cond})[0]
+
+
+@dataclass(frozen=True)
+class FlowSamplerSettings:
+    """How a flow policy's actions are sampled (the fields mirror `FlowConfig`'s)."""
+
+    num_inference_steps: int
+    """K, the Euler steps from noise (t = 0) to action (t = 1)."""
+    clip_sample: bool
+    """Clip the final sample to [-clip_sample_range, clip_sample_range]."""
+    clip_sample_range: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps (Euler steps K) must be an integer >= 1, got {self.num_inference_steps!r}")
+        if not self.clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
+
+    @classmethod
+    def from_policy_config(cls, config: Any) -> FlowSamplerSettings:
+        """Read the settings from a `FlowConfig`."""
+        return cls(num_inference_steps=config.num_inference_steps, clip_sample=config.clip_sample,
+                   clip_sample_range=config.clip_sample_range)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def settings_for(config: Any) -> SamplerSettings | FlowSamplerSettings:
+    """The sampler settings of a LeRobot policy config: diffusion or flow; ValueError for any other type."""
+    if config.type == "flow":
+        return FlowSamplerSettings.from_policy_config(config)
+    if config.type == "diffusion":
+        return SamplerSettings.from_policy_config(config)
+    raise ValueError(f"no sampler for policy type {config.type!r} (supported: diffusion, flow)")
+
+
+def euler_times(num_steps: int) -> np.ndarray:
+    """(K,) float32 start times t_k = k / K of the K Euler steps (the same float32 values as the torch policy)."""
+    if num_steps < 1:
+        raise ValueError(f"the number of Euler steps must be >= 1, got {num_steps}")
+    return np.arange(num_steps, dtype=np.float32) / np.float32(num_steps)
+
+
+def euler_step(x: np.ndarray, velocity: np.ndarray, dt: float) -> np.ndarray:
+    """x + dt * v, in float32."""
+    return (x + np.float32(dt) * velocity).astype(np.float32, copy=False)
+
+
+def sample_flow(velocity: Velocity, global_cond: np.ndarray, noise: SamplerNoise,
+                settings: FlowSamplerSettings) -> np.ndarray:
+    """Integrate from `noise.initial` (t = 0) to t = 1 in K Euler steps; returns (B, H, Da) float32."""
+    x = noise.initial.astype(np.float32, copy=True)
+    batch = x.shape[0]
+    dt = 1.0 / settings.num_inference_steps
+    for t in euler_times(settings.num_inference_steps):
+        v = np.asarray(velocity(x, np.full((batch,), t, dtype=np.float32), global_cond), dtype=np.float32)
+        x = euler_step(x, v, dt)
+    if settings.clip_sample:
+        x = np.clip(x, -settings.clip_sample_range, settings.clip_sample_range)
+    return x
+
+
+class TorchVelocity:
+    """The flow policy's own velocity network (`FlowModel.velocity`, which scales t for the UNet) on CPU."""
+
+    def __init__(self, flow: Any):
+        self.flow = flow
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, global_cond: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.flow.velocity(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(global_cond))
+        return out.numpy()
+
+
+class OnnxVelocity(OnnxDenoiser):
+    """The exported velocity network run by onnxruntime (inputs "sample", "t" (B,) float32, "global_cond")."""
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, global_cond: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"sample": x, "t": t, "global_cond": global_cond})[0]

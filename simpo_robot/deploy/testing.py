@@ -1,4 +1,5 @@
-"""A tiny random LeRobot DiffusionPolicy in LeRobot's folder layout, for tests and benchmarks."""
+"""Tiny random policies (LeRobot DiffusionPolicy, simpo-robot FlowPolicy) in LeRobot's folder layout, for tests
+and benchmarks."""
 
 from __future__ import annotations
 
@@ -57,6 +58,55 @@ def save_tiny_policy(
     stats = {
         "observation.state": {"min": -torch.ones(OBS_STATE_DIM), "max": torch.ones(OBS_STATE_DIM)},
         "observation.environment_state": {"min": -torch.ones(env_state_dim), "max": torch.ones(env_state_dim)},
+        "action": {"min": -2 * torch.ones(ACTION_DIM), "max": 2 * torch.ones(ACTION_DIM)},
+    }
+    preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=stats)
+    return save_policy(policy, out_dir, preprocessor, postprocessor)
+
+
+def save_tiny_flow_policy(
+    out_dir: str | Path,
+    seed: int = 0,
+    num_inference_steps: int = 4,
+    down_dims: tuple[int, ...] = (32, 64),
+    horizon: int = 16,
+    n_action_steps: int = 8,
+    n_obs_steps: int = 2,
+    env_state_dim: int = ENV_STATE_DIM,
+    diffusion_step_embed_dim: int = 32,
+    timestep_scale: float = 100.0,
+) -> Path:
+    """Write a state-only FlowPolicy with random weights and the same features and stats as `save_tiny_policy`."""
+    import torch
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.factory import make_pre_post_processors
+
+    from simpo_robot.policies.flow import FlowConfig, FlowPolicy
+    from simpo_robot.policy_io import save_policy
+
+    torch.manual_seed(seed)
+    config = FlowConfig(
+        input_features={
+            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(OBS_STATE_DIM,)),
+            "observation.environment_state": PolicyFeature(type=FeatureType.ENV, shape=(env_state_dim,)),
+        },
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
+        n_obs_steps=n_obs_steps,
+        horizon=horizon,
+        n_action_steps=n_action_steps,
+        down_dims=down_dims,
+        diffusion_step_embed_dim=diffusion_step_embed_dim,
+        timestep_scale=timestep_scale,
+        num_inference_steps=num_inference_steps,
+        device="cpu",
+        push_to_hub=False,
+    )
+    policy = FlowPolicy(config)
+    stats = {
+        "observation.state": {"min": -torch.ones(OBS_STATE_DIM), "max": torch.ones(OBS_STATE_DIM),
+                              "mean": torch.zeros(OBS_STATE_DIM), "std": torch.ones(OBS_STATE_DIM)},
+        "observation.environment_state": {"min": -torch.ones(env_state_dim), "max": torch.ones(env_state_dim),
+                                          "mean": torch.zeros(env_state_dim), "std": torch.ones(env_state_dim)},
         "action": {"min": -2 * torch.ones(ACTION_DIM), "max": 2 * torch.ones(ACTION_DIM)},
     }
     preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=stats)
