@@ -310,15 +310,15 @@ def write_model_card(policy_dir: str | Path, eval_info_path: str | Path, command
     cfg_json = _policy_config(policy_dir)
     name = policy_dir.name
     if cfg_json["type"] == "flow":
-        kind, tag, cls = "flow-matching", "flow-matching", "FlowPolicy"
-        what = ("simpo-robot `FlowPolicy` (LeRobot policy type `flow`, registered by `import simpo_robot.policies`; "
-                "rectified flow with LeRobot's diffusion-policy 1-D conditional UNet as the velocity network")
+        kind, tag, or_lerobot = "flow-matching", "flow-matching", ""
+        what = ("simpo-robot `FlowPolicy` (LeRobot policy type `flow`: rectified flow with LeRobot's "
+                "diffusion-policy 1-D conditional UNet as the velocity network")
         sampling = (f"{cfg_json['num_inference_steps']} Euler steps from noise (t = 0) to action (t = 1), "
                     f"time embedding input t * {cfg_json['timestep_scale']:g}")
-        load = (f'loaded = load_policy("pretrained/{name}")         '
-                f'# import simpo_robot.policies; FlowPolicy.from_pretrained("pretrained/{name}")')
+        load = (f'loaded = load_policy("pretrained/{name}")\n'
+                f'# LeRobot: import simpo_robot.policies (registers "flow"), then FlowPolicy.from_pretrained("pretrained/{name}")')
     else:
-        kind, tag, cls = "diffusion", "diffusion-policy", "DiffusionPolicy"
+        kind, tag, or_lerobot = "diffusion", "diffusion-policy", "      # or stock LeRobot:"
         what = "LeRobot `DiffusionPolicy` (1-D conditional UNet"
         sampling = f"DDIM with {cfg_json['num_inference_steps']} denoising steps"
         load = f'loaded = load_policy("pretrained/{name}")         # DiffusionPolicy.from_pretrained("pretrained/{name}")'
@@ -377,7 +377,7 @@ UNet widths {tuple(cfg_json['down_dims'])}.
 ## Load it
 
 ```python
-from simpo_robot.policy_io import load_policy      # or with LeRobot's {cls}:
+from simpo_robot.policy_io import load_policy{or_lerobot}
 {load}
 ```
 

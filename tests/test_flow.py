@@ -345,3 +345,32 @@ def test_eval_and_run_sim_on_fetch_push(tiny, bundle, tmp_path):
     with server as url:
         info = run_run_sim(RunSimConfig(server=url, task="fetch_push", episodes=1, out=tmp_path / "s"))
     assert info["aggregated"]["n_episodes"] == 1 and info["latency_ms"]["requests"] == 7
+
+
+# ---- the shipped checkpoint ----------------------------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parent.parent / "pretrained" / "fetch_push-flow"
+
+
+def test_shipped_flow_checkpoint_loads_fits_and_has_a_card():
+    from simpo_robot.policy_io import load_policy
+    from simpo_robot.tasks import check_policy_fits_task, load_task
+
+    assert (SHIPPED / "model.safetensors").stat().st_size < 6_000_000
+    loaded = load_policy(SHIPPED)
+    assert loaded.config.type == "flow" and loaded.config.down_dims == (32, 64, 128)
+    check_policy_fits_task(loaded.config, load_task("fetch_push"))
+    card = (SHIPPED / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: lerobot\n") and "## Rebuild it" in card
+    assert "--policy_type flow" in card and "--task fetch_push --episodes 200 --seed 1000" in card
+
+
+@pytest.mark.slow
+def test_shipped_flow_checkpoint_reproduces_its_card(tmp_path):
+    import re
+
+    from simpo_robot.evaluate import EvalConfig, run_eval
+
+    lo, hi = map(float, re.search(r"\| \[([\d.]+), ([\d.]+)\]% \|", (SHIPPED / "README.md").read_text()).groups())
+    result = run_eval(EvalConfig(policy=str(SHIPPED), task="fetch_push", episodes=50, seed=1000, out=tmp_path))
+    assert lo <= 100 * result.success_rate <= hi
