@@ -34,7 +34,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "toy": Command("simpo_robot.toy", "ToyConfig", "run_toy", "SiMPO weightings on a 2-D multimodal reward (the first thing to run)"),
     "collect": Command("simpo_robot.collect", "CollectConfig", "run_collect", "record scripted-expert demonstrations as a LeRobot dataset"),
-    "pretrain": Command("simpo_robot.pretrain", "PretrainConfig", "run_pretrain", "behaviour-clone a LeRobot DiffusionPolicy from demonstrations"),
+    "pretrain": Command("simpo_robot.pretrain", "PretrainConfig", "run_pretrain", "behaviour-clone a LeRobot DiffusionPolicy (or a flow policy) from demonstrations"),
     "finetune": Command("simpo_robot.rl.trainer", "FinetuneConfig", "run_finetune", "fine-tune a pretrained diffusion policy online with SiMPO"),
     "eval": Command("simpo_robot.evaluate", "EvalConfig", "run_eval", "evaluate a policy on a task (eval_info.json, success with 95% CI)"),
     "export": Command("simpo_robot.deploy.export", "ExportConfig", "run_export", "export a policy as a self-contained bundle (LeRobot layout + ONNX)"),
