@@ -261,8 +261,8 @@ def main() -> None:
                                             "machine from dominating the percentiles)" if nice else ""),
         f"Machine: {machine()}",
         f"Date: {today()}; wall time {wall:.0f} s.", "",
-        f"Policy: {note}, exported with `simpo-robot export` ({manifest.sampler.noise_scheduler_type}, "
-        f"{manifest.sampler.num_inference_steps} denoising steps, chunk of {manifest.n_action_steps} actions). "
+        f"Policy: {note}, exported with `simpo-robot export` ({getattr(manifest.sampler, 'noise_scheduler_type', 'Euler')}, "
+        f"{manifest.sampler.num_inference_steps} sampling steps, chunk of {manifest.n_action_steps} actions). "
         f"Server: `simpo-robot serve --threads 1 --inference {args.inference}` in its own process; clients: "
         "`deploy/simpo_client.py` in threads of the benchmark process, one WebSocket each. Latency is the "
         "client's round trip (encode, send, queue, pre/post-processing, sampling, reply, decode); in-process "
