@@ -374,3 +374,10 @@ def test_shipped_flow_checkpoint_reproduces_its_card(tmp_path):
     lo, hi = map(float, re.search(r"\| \[([\d.]+), ([\d.]+)\]% \|", (SHIPPED / "README.md").read_text()).groups())
     result = run_eval(EvalConfig(policy=str(SHIPPED), task="fetch_push", episodes=50, seed=1000, out=tmp_path))
     assert lo <= 100 * result.success_rate <= hi
+
+
+def test_predict_action_chunk_without_history_needs_stacked_frames(tiny):
+    policy = FlowPolicy.from_pretrained(tiny)
+    with pytest.raises(ValueError, match=r"must be \(B, n_obs_steps=2, dim\).*select_action"):
+        policy.predict_action_chunk({"observation.state": torch.zeros(1, 10),
+                                     "observation.environment_state": torch.zeros(1, 18)})

@@ -98,9 +98,12 @@ class FlowModel(nn.Module):
 
         noise: x_0 (B,H,Da); drawn with `generator` (default: torch's global RNG) when None.
         """
-        batch_size, n_obs_steps = batch[OBS_STATE].shape[:2]
-        if n_obs_steps != self.config.n_obs_steps:
-            raise ValueError(f"expected {self.config.n_obs_steps} observation steps, got {n_obs_steps}")
+        state = batch[OBS_STATE]
+        if state.ndim != 3 or state.shape[1] != self.config.n_obs_steps:
+            raise ValueError(
+                f"{OBS_STATE} must be (B, n_obs_steps={self.config.n_obs_steps}, dim), got {tuple(state.shape)}; "
+                "for one frame per call use select_action, which keeps the observation history")
+        batch_size, n_obs_steps = state.shape[:2]
         global_cond = self._prepare_global_conditioning(batch)
         if noise is None:
             noise = torch.randn((batch_size, self.config.horizon, self.config.action_feature.shape[0]),
