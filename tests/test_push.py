@@ -261,4 +261,4 @@ def test_flow_bundle_push_to_the_hub_stand_in(hub, tmp_path):
     assert committed["velocity.onnx"] == (bundle / "velocity.onnx").read_bytes()
     card = committed["README.md"].decode()
     assert "flow" in _header(card)["tags"] and "2 Euler steps (rectified flow)" in card
-    assert 'FlowPolicy.from_pretrained("me/flow-bundle")' in card and "import simpo_robot.policies" in card
+    assert 'FlowPolicy.from_pretrained("me/flow-bundle")' in card and "from simpo_robot.policies import FlowPolicy" in card

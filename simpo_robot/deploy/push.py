@@ -185,8 +185,7 @@ def model_card(config: dict[str, Any], info: TrainingInfo | None, repo_id: str, 
     flow = config.get("type") == "flow"
     if flow:
         sampler = f"{config.get('num_inference_steps', '?')} Euler steps (rectified flow)"
-        use = ["import simpo_robot.policies  # registers the flow policy type with LeRobot",
-               "from simpo_robot.policies import FlowPolicy",
+        use = ["from simpo_robot.policies import FlowPolicy  # the import registers the \"flow\" type with LeRobot",
                "from lerobot.policies.factory import make_pre_post_processors", "",
                f'policy = FlowPolicy.from_pretrained("{repo_id}")']
     else:
