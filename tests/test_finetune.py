@@ -187,3 +187,90 @@ def test_two_processes_keep_parameters_identical_and_double_env_steps_per_update
     assert two["rank_param_divergence"] == 0.0  # DDP kept every parameter identical across ranks
     assert two["env_steps"] == one["env_steps"] == 400
     assert one["critic_updates"] == 2 * two["critic_updates"]  # twice the env steps per update
+
+
+def _simpo_agent(tiny_push, **overrides):
+    from simpo_robot.rl.simpo import SimpoAgent, SimpoConfig
+
+    actor = DiffusionActor(load_policy(tiny_push).policy)
+    cfg = SimpoConfig(**{"particles": 4, "buffer_size": 64, **overrides})
+    agent = SimpoAgent(cfg, "linear", -0.5, actor, obs_dim=2 * 28, device=torch.device("cpu"))
+    agent.critic_target = TwinCritic(2 * 28, actor.n_action_steps * actor.action_dim, (8,))
+    return agent, actor
+
+
+def _chunk_batch(actor, envs: int, live, ended, offset: float):
+    from simpo_robot.rl.agent import ChunkBatch
+
+    chunks = torch.full((envs, actor.horizon, actor.action_dim), offset) + torch.arange(envs).reshape(envs, 1, 1)
+    tr = Transition(torch.zeros(envs, 2, 10), torch.zeros(envs, 2, 18), chunks, torch.zeros(envs),
+                    torch.ones(envs), torch.zeros(envs, 2, 10), torch.zeros(envs, 2, 18))
+    live, ended = torch.tensor(live), torch.tensor(ended)
+    return ChunkBatch(tr, live, ended, torch.ones(envs), {})
+
+
+def test_simpo_stores_each_transition_with_the_next_chunk_of_its_env(tiny_push):
+    agent, actor = _simpo_agent(tiny_push)
+    g = torch.Generator().manual_seed(0)
+    agent.observe(_chunk_batch(actor, 3, [True, True, True], [False, True, False], 0.0), g)
+    assert len(agent.buffer) == 1  # env 1 ended: stored with a freshly sampled bootstrap chunk
+    assert agent.buffer.storage.chunk[0, 0, 0] == 1.0 and agent.buffer.storage.next_chunk[0].abs().max() <= 1.0
+    agent.observe(_chunk_batch(actor, 3, [True, False, True], [True, False, True], 100.0), g)
+    assert agent.pending is None and len(agent.buffer) == 5
+    chunk, nxt = agent.buffer.storage.chunk[:5, 0, 0].tolist(), agent.buffer.storage.next_chunk[:5, 0, 0].tolist()
+    # envs 0 and 2 of the first chunk get the second chunk of the same env as their next chunk
+    assert dict(zip(chunk[1:3], nxt[1:3], strict=True)) == {0.0: 100.0, 2.0: 102.0}
+    assert agent.rank_state()["buffer"]["size"] == 5
+
+
+def test_centred_weights_make_the_actor_update_zero_when_q_is_flat(tiny_push):
+    agent, actor = _simpo_agent(tiny_push, centred_weights=True)
+
+    class Flat(torch.nn.Module):
+        def forward(self, obs, chunk):
+            return TwinQ(torch.zeros(obs.shape[0]), torch.zeros(obs.shape[0]))
+
+    agent.critic = Flat()
+    batch = _chunk_batch(actor, 2, [True, True], [True, True], 0.0).transition
+    from simpo_robot.rl.simpo import SimpoTransition
+
+    ab = agent.actor_batch(SimpoTransition(*batch, batch.chunk), torch.Generator().manual_seed(0))
+    assert torch.equal(ab.weights, torch.zeros_like(ab.weights))
+    loss = agent.objective(ab.particles, ab.global_cond, ab.weights, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in actor.unet.parameters())
+    agent.cfg.centred_weights = False  # the reference recipe's mean-1 weights re-fit the model to its samples
+    ab = agent.actor_batch(SimpoTransition(*batch, batch.chunk), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ab.weights, torch.ones_like(ab.weights))
+
+
+def test_flow_policy_finetunes_with_the_weighted_flow_loss(tmp_path):
+    from simpo_robot.deploy.testing import save_tiny_flow_policy
+
+    flow = save_tiny_flow_policy(tmp_path / "flow", env_state_dim=18)
+    out = tmp_path / "run"
+    _run(flow, out, 200, "--final-eval-episodes", "1")
+    info = json.loads((out / "final" / "training_info.json").read_text())
+    assert info["algorithm"] == "simpo" and info["env_steps"] >= 200
+    reloaded = load_policy(out / "final")
+    assert reloaded.config.type == "flow"
+    before, after = load_policy(flow).policy.state_dict(), reloaded.policy.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_flow_actor_samples_like_the_policy_and_dppo_refuses_flow(tmp_path, capsys):
+    from simpo_robot.deploy.testing import save_tiny_flow_policy
+    from simpo_robot.rl.actor import FlowActor, make_actor
+
+    flow = save_tiny_flow_policy(tmp_path / "flow", env_state_dim=18)
+    policy = load_policy(flow).policy
+    actor = make_actor(policy)
+    assert isinstance(actor, FlowActor)
+    cond = torch.randn(3, 2 * 28, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(3, actor.horizon, actor.action_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = policy.flow.sample(cond, noise)
+        ours = actor.sample(actor.unet, cond, noise=noise)
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+    code = main(["finetune", "--policy", str(flow), "--task", "fetch_push", "--algo", "dppo", "--out", str(tmp_path / "x")])
+    assert code == 1 and "needs a diffusion policy" in capsys.readouterr().err

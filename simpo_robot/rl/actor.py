@@ -1,4 +1,11 @@
-"""A LeRobot DiffusionPolicy seen as the actor: conditioning, explicit-timestep sampling, denoising loss.
+"""The policy seen as the actor: conditioning, sampling with explicit noise, the weighted matching loss.
+
+Two model families, one interface (`DiffusionActor`, `FlowActor`; `make_actor` picks by policy type):
+    actor.unet                                the trained network (LeRobot's 1-D conditional UNet)
+    actor.global_cond(state, env_state)       normalised observation histories -> conditioning (B, C)
+    actor.sample(net, cond, steps, ...)       chunks (M, H, Da) from `net` (the actor's or a frozen copy)
+    actor.objective(clip)                     module: (particles, cond, weights, generator) -> weighted loss
+    actor.executed(chunk)                     the part of a chunk sent to the env
 
 Shape glossary
     M   samples (states x particles, flattened)
@@ -18,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from simpo_robot.deploy.sampler import SamplerSettings, make_tables
-from simpo_robot.simpo import weighted_denoising_loss
+from simpo_robot.simpo import diffuse, flow_interpolate, weighted_denoising_loss, weighted_flow_loss
 from simpo_robot.tasks import OBS_ENV_STATE, OBS_STATE
 
 
@@ -79,49 +86,128 @@ def sample_chunks(unet: nn.Module, global_cond: Tensor, tables: StepTables, hori
     return x
 
 
-class DiffusionActor:
-    """Views of a LeRobot DiffusionPolicy that the trainer and algorithms need (no state of its own)."""
+class _ChunkActor:
+    """What both families share: shapes, the observation conditioning and the executed slice."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, model: nn.Module):
         cfg = policy.config
         if cfg.image_features:
-            raise ValueError("fine-tuning supports state-only diffusion policies (no camera features)")
-        self.policy = policy
+            raise ValueError("fine-tuning supports state-only policies (no camera features)")
+        self.policy, self.model = policy, model
         self.n_obs_steps = cfg.n_obs_steps
         self.horizon = cfg.horizon
         self.n_action_steps = cfg.n_action_steps
         self.action_dim = cfg.action_feature.shape[0]
         self.start = cfg.n_obs_steps - 1  # first executed action inside the generated chunk
         self.has_env_state = cfg.env_state_feature is not None
+        self.action_bound = cfg.clip_sample_range if cfg.clip_sample else 1.0
 
     @property
     def unet(self) -> nn.Module:
-        return self.policy.diffusion.unet
-
-    @property
-    def alphas_cumprod(self) -> Tensor:
-        return self.policy.diffusion.noise_scheduler.alphas_cumprod
+        return self.model.unet
 
     def global_cond(self, state: Tensor, env_state: Tensor) -> Tensor:
         """(B, O, Ds), (B, O, De) normalised observation histories -> (B, C)."""
         batch = {OBS_STATE: state}
         if self.has_env_state:
             batch[OBS_ENV_STATE] = env_state
-        return self.policy.diffusion._prepare_global_conditioning(batch)
+        return self.model._prepare_global_conditioning(batch)
 
     def executed(self, chunk: Tensor) -> Tensor:
         """(..., H, Da) -> (..., n_action_steps, Da): the actions actually sent to the env."""
         return chunk[..., self.start : self.start + self.n_action_steps, :]
 
+    def initial_noise(self, m: int, cond: Tensor, generator: torch.Generator | None, noise: Tensor | None) -> Tensor:
+        if noise is not None:
+            return noise.to(device=cond.device, dtype=cond.dtype)
+        return torch.randn((m, self.horizon, self.action_dim), generator=generator, device=cond.device,
+                           dtype=cond.dtype)
+
+
+class DiffusionActor(_ChunkActor):
+    """A LeRobot DiffusionPolicy (epsilon prediction) as the actor."""
+
+    def __init__(self, policy):
+        super().__init__(policy, policy.diffusion)
+        step_tables(policy.config)  # fails early for a policy this sampler cannot run
+        self._tables: dict[tuple[int | None, bool], StepTables] = {}
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return self.policy.diffusion.noise_scheduler.alphas_cumprod
+
+    def sample(self, net: nn.Module, cond: Tensor, steps: int | None = None, clip: bool = True,
+               generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """Chunks from `net` with DDIM `steps` (None: the policy's own sampler); clip=False keeps x0 unclipped."""
+        if (steps, clip) not in self._tables:
+            tables = step_tables(self.policy.config) if steps is None else step_tables(self.policy.config, steps, "DDIM")
+            self._tables[steps, clip] = tables if clip else replace(tables, clip_range=None)
+        tables = self._tables[steps, clip]
+        return sample_chunks(net, cond, tables, self.horizon, self.action_dim, generator,
+                             self.initial_noise(cond.shape[0], cond, generator, noise))
+
+    def objective(self, clip: float) -> "DenoisingObjective":
+        return DenoisingObjective(self.unet, self.alphas_cumprod, clip)
+
+
+class FlowActor(_ChunkActor):
+    """simpo_robot's FlowPolicy (rectified flow, Euler sampling) as the actor."""
+
+    def __init__(self, policy):
+        super().__init__(policy, policy.flow)
+        self.timestep_scale = policy.config.timestep_scale
+
+    def sample(self, net: nn.Module, cond: Tensor, steps: int | None = None, clip: bool = True,
+               generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """Chunks from `net` with `steps` Euler steps (None: the policy's own K); clip as the policy does."""
+        from simpo_robot.policies.flow.modeling_flow import euler_sample
+
+        k = self.policy.config.num_inference_steps if steps is None else steps
+        x = euler_sample(lambda x, t, c: net(x, t * self.timestep_scale, global_cond=c), cond,
+                         self.initial_noise(cond.shape[0], cond, generator, noise), k)
+        return x.clamp(-self.action_bound, self.action_bound) if clip and self.policy.config.clip_sample else x
+
+    def objective(self, clip: float) -> "FlowObjective":
+        return FlowObjective(self.unet, self.timestep_scale, clip)
+
+
+def make_actor(policy) -> DiffusionActor | FlowActor:
+    """The actor view for a loaded policy (LeRobot "diffusion" or simpo_robot "flow")."""
+    kinds = {"diffusion": DiffusionActor, "flow": FlowActor}
+    if policy.config.type not in kinds:
+        raise ValueError(f"fine-tuning supports {sorted(kinds)} policies, not {policy.config.type!r}")
+    return kinds[policy.config.type](policy)
+
 
 class DenoisingObjective(nn.Module):
     """The weighted denoising loss as a module, so that Accelerate's DDP wrapper syncs its gradients."""
 
-    def __init__(self, unet: nn.Module, clip: float):
+    def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, clip: float):
         super().__init__()
         self.unet = unet
+        self.register_buffer("alphas_cumprod", alphas_cumprod.clone(), persistent=False)
         self.clip = clip
 
-    def forward(self, noisy: Tensor, timesteps: Tensor, global_cond: Tensor, noise: Tensor, weights: Tensor) -> Tensor:
-        """noisy, noise: (M, H, Da); timesteps: (M,); global_cond: (M, C); weights: (M,) mean-1 weights."""
-        return weighted_denoising_loss(self.unet(noisy, timesteps, global_cond=global_cond), noise, weights, self.clip)
+    def forward(self, particles: Tensor, global_cond: Tensor, weights: Tensor, generator: torch.Generator) -> Tensor:
+        """particles (M, H, Da), global_cond (M, C), weights (M,): one random diffusion step per particle."""
+        noise = torch.randn(particles.shape, generator=generator, device=particles.device, dtype=particles.dtype)
+        t = torch.randint(0, len(self.alphas_cumprod), (particles.shape[0],), generator=generator,
+                          device=particles.device)
+        noisy = diffuse(self.alphas_cumprod, particles, noise, t)
+        return weighted_denoising_loss(self.unet(noisy, t, global_cond=global_cond), noise, weights, self.clip)
+
+
+class FlowObjective(nn.Module):
+    """The weighted flow-matching loss (x_t = t a + (1 - t) eps, target a - eps) as a module."""
+
+    def __init__(self, unet: nn.Module, timestep_scale: float, clip: float):
+        super().__init__()
+        self.unet, self.timestep_scale, self.clip = unet, timestep_scale, clip
+
+    def forward(self, particles: Tensor, global_cond: Tensor, weights: Tensor, generator: torch.Generator) -> Tensor:
+        """particles (M, H, Da), global_cond (M, C), weights (M,): one random flow time per particle."""
+        eps = torch.randn(particles.shape, generator=generator, device=particles.device, dtype=particles.dtype)
+        t = torch.rand((particles.shape[0],), generator=generator, device=particles.device, dtype=particles.dtype)
+        x_t, target = flow_interpolate(particles, eps, t)
+        velocity = self.unet(x_t, t * self.timestep_scale, global_cond=global_cond)
+        return weighted_flow_loss(velocity, target, weights, self.clip)

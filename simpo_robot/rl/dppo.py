@@ -217,7 +217,7 @@ class DppoAgent:
         bound = self.tables.clip_range or 1.0
         return x.clamp(-bound, bound), {"chain": torch.stack(chain, 1), "logprob": torch.stack(logps, 1)}
 
-    def observe(self, batch: ChunkBatch) -> None:
+    def observe(self, batch: ChunkBatch, generator: torch.Generator) -> None:
         self.storage.append(ChunkBatch(Transition(*(x.cpu() for x in batch.transition)), batch.live.cpu(),
                                        batch.ended.cpu(), batch.gamma_steps.cpu(),
                                        {k: v.cpu() for k, v in batch.extras.items()}))

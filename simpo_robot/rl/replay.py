@@ -33,20 +33,22 @@ class Transition(NamedTuple):
 
 
 class ReplayBuffer:
-    """Ring buffer; `state_dict`/`load_state_dict` make it part of the resumable training state."""
+    """Ring buffer of a NamedTuple of tensors (`Transition`, or an agent's extension of it);
+    `state_dict`/`load_state_dict` make it part of the resumable training state."""
 
-    def __init__(self, capacity: int, example: Transition):
+    def __init__(self, capacity: int, example: NamedTuple):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self.storage = Transition(*(torch.zeros((capacity, *x.shape[1:]), dtype=x.dtype) for x in example))
+        self.kind = type(example)
+        self.storage = self.kind(*(torch.zeros((capacity, *x.shape[1:]), dtype=x.dtype) for x in example))
         self.size = 0
         self.cursor = 0
 
     def __len__(self) -> int:
         return self.size
 
-    def add(self, batch: Transition) -> None:
+    def add(self, batch: NamedTuple) -> None:
         n = batch.reward.shape[0]
         idx = (self.cursor + torch.arange(n)) % self.capacity
         for store, value in zip(self.storage, batch, strict=True):
@@ -54,15 +56,15 @@ class ReplayBuffer:
         self.cursor = (self.cursor + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> Transition:
+    def sample(self, batch_size: int, generator: torch.Generator) -> NamedTuple:
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
         idx = torch.randint(0, self.size, (batch_size,), generator=generator)
-        return Transition(*(store[idx] for store in self.storage))
+        return self.kind(*(store[idx] for store in self.storage))
 
     def state_dict(self) -> dict:
         return {"storage": self.storage._asdict(), "size": self.size, "cursor": self.cursor}
 
     def load_state_dict(self, state: dict) -> None:
-        self.storage = Transition(**state["storage"])
+        self.storage = self.kind(**state["storage"])
         self.size, self.cursor = int(state["size"]), int(state["cursor"])

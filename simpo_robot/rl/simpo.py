@@ -7,14 +7,26 @@ Shape glossary
 
 Per actor update (SIMPO.md, two-stage measure matching):
     1. particles a_1..a_N ~ pi_old(.|s) (a periodically refreshed copy of the denoiser), sampled with
-       few DDIM steps (cheap), plus Gaussian exploration noise, clipped to the model's action range;
+       few DDIM steps (cheap), optionally plus Gaussian exploration noise;
     2. Q(s, a_i) from the twin critics (mean of the two, as the reference recipe);
     3. w = N * solve_weights(Q, lambda, g, b).weights   (mean weight 1 per state);
+       centred (default): w - 1, so that the update is exactly zero where the critic is indifferent;
     4. loss = weighted denoising loss of the current model on the particles, one random diffusion
        timestep per particle (all denoising steps are trained), per-element clipped squared error;
     5. lambda learned toward a target KL of the weights from uniform (gathered over processes).
-Critic: twin Q on (observation history, executed chunk), TD target with clipped double Q and one next
-chunk from the current actor (particle sampler), EMA targets.
+Critic: twin Q on (observation history, executed chunk), TD target with clipped double Q, EMA targets.
+The next chunk of the TD target is by default the one the behaviour policy actually sampled at the next
+state (free: no sampling per critic update); `--simpo.target actor` samples it from the current actor as
+the reference recipe does.
+
+Changes from the reference recipe for fine-tuning a pretrained policy, and the measurements behind them
+(fetch_push, shipped checkpoint, 42% over the same 50 episodes; 300 actor updates with *uniform* weights,
+i.e. what the update does when the critic cannot tell particles apart):
+    - uncentred loss, 5-step particles, noise 0.1, clipped: 12%; 10-step particles, no noise, clipped:
+      26%; unclipped: 30%. Re-fitting a model to its own samples is not a fixed point: sampler and model
+      error compound with every pi_old refresh (the gripper dimension, saturated at the range edge in the
+      demonstrations, drifts inward fastest because clipping truncates one side).
+    - centred weights make that update exactly zero, so the policy moves only where Q says so.
 """
 
 import copy
@@ -26,12 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from simpo_robot.rl.actor import DenoisingObjective, DiffusionActor, sample_chunks, step_tables
+from simpo_robot.rl.actor import DiffusionActor, FlowActor
 from simpo_robot.rl.agent import ChunkBatch, Stepper
 from simpo_robot.rl.critic import TwinCritic, ema_update, td_target
 from simpo_robot.rl.replay import ReplayBuffer, Transition
-from simpo_robot.simpo import LearnedTemperature, diffuse, solve_weights, weight_kl_from_uniform
+from simpo_robot.simpo import LearnedTemperature, solve_weights, weight_kl_from_uniform
 from simpo_robot.simpo.weighting import WEIGHTINGS
+
+TARGETS = ("behaviour", "actor")
+
+# A replayed transition plus the chunk the behaviour policy sampled at its next state (for the TD target).
+SimpoTransition = NamedTuple("SimpoTransition", [*Transition.__annotations__.items(), ("next_chunk", Tensor)])
 
 
 @dataclass
@@ -41,9 +58,21 @@ class SimpoConfig:
     particles: int = 16
     """N: particles drawn from pi_old per state."""
     particle_steps: int = 5
-    """DDIM steps used to sample particles (and the TD target's next chunk): fewer than the policy's own."""
-    particle_noise: float = 0.1
-    """Std of Gaussian exploration noise added to particles, in the model's normalised action units."""
+    """Sampler steps for particles (DDIM for diffusion, Euler for flow; also for `target actor`):
+    fewer than the policy's own, to make them cheap."""
+    particle_noise: float = 0.0
+    """Std of Gaussian exploration noise added to particles, in the model's normalised action units
+    (the reference recipe uses 0.2 when training from scratch)."""
+    clip_particles: bool = False
+    """Clip particles (and their x0 predictions while sampling) to the action range as the policy's own
+    sampler does. Off: the model is fitted to its unclipped samples (clipping truncates one side of
+    range-saturated dimensions, which then drift inward); the critic always scores clipped chunks."""
+    centred_weights: bool = True
+    """Use w - 1 instead of w (mean weight 0 per state): the part of the loss with weight 1 re-fits the
+    model to its own samples, which at pi = pi_old only adds sampler error (see the module docstring)."""
+    target: str = "behaviour"
+    """Next chunk of the TD target: "behaviour" (the chunk sampled at the next state while acting) or
+    "actor" (a fresh sample from the current actor with the particle sampler, the reference recipe)."""
     refresh_every: int = 50
     """Actor updates between refreshes of pi_old (a hard copy of the denoiser)."""
     target_kl: float = 1.0
@@ -89,23 +118,21 @@ class SimpoConfig:
                              "loss_clip > 0")
         if not (self.init_temperature > 0 and self.temperature_lr > 0 and self.actor_lr > 0 and self.critic_lr > 0):
             raise ValueError("simpo.init_temperature and the learning rates must be > 0")
+        if self.target not in TARGETS:
+            raise ValueError(f"simpo.target must be one of {TARGETS}, got {self.target!r}")
         if not 0 < self.tau <= 1:
             raise ValueError(f"simpo.tau must be in (0, 1], got {self.tau}")
 
 
 class ActorBatch(NamedTuple):
-    """What the DenoisingObjective is fed, and the weights for the temperature loss."""
+    """What the actor's objective is fed, and the weights for the temperature loss."""
 
-    noisy: Tensor
-    """(B*N, H, Da)"""
-    timesteps: Tensor
-    """(B*N,)"""
+    particles: Tensor
+    """(B*N, H, Da) samples of pi_old (model space)"""
     global_cond: Tensor
     """(B*N, C)"""
-    noise: Tensor
-    """(B*N, H, Da)"""
     weights: Tensor
-    """(B*N,) mean-1 weights"""
+    """(B*N,) per-particle loss weights: N * normalised (mean 1), minus 1 when centred (mean 0)"""
     normalised: Tensor
     """(B, N) normalised weights (sum 1 per state)"""
     q: Tensor
@@ -122,7 +149,7 @@ class SimpoAgent:
 
     name = "simpo"
 
-    def __init__(self, cfg: SimpoConfig, weighting: str, negative_bound: float, actor: DiffusionActor,
+    def __init__(self, cfg: SimpoConfig, weighting: str, negative_bound: float, actor: DiffusionActor | FlowActor,
                  obs_dim: int, device: torch.device):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; choose from {sorted(WEIGHTINGS)}")
@@ -130,10 +157,9 @@ class SimpoAgent:
             raise ValueError(f"negative_bound must be <= 0, got {negative_bound}")
         self.cfg, self.weighting, self.negative_bound, self.actor, self.device = (
             cfg, weighting, negative_bound, actor, device)
-        self.particle_tables = step_tables(actor.policy.config, cfg.particle_steps, scheduler="DDIM")
-        self.act_tables = step_tables(actor.policy.config)  # the policy's own sampler for acting
+        self.action_bound = actor.action_bound
         self.critic = TwinCritic(obs_dim, actor.n_action_steps * actor.action_dim, tuple(cfg.critic_hidden)).to(device)
-        self.objective = DenoisingObjective(actor.unet, cfg.loss_clip)
+        self.objective = actor.objective(cfg.loss_clip)
         self.pi_old = copy.deepcopy(actor.unet).requires_grad_(False)
         self.temperature = LearnedTemperature(cfg.init_temperature, cfg.target_kl).to(device)
         self.actor_opt = torch.optim.Adam(self.objective.parameters(), lr=cfg.actor_lr)
@@ -141,6 +167,8 @@ class SimpoAgent:
         self.temp_opt = torch.optim.Adam(self.temperature.parameters(), lr=cfg.temperature_lr)
         self.critic_target: TwinCritic | None = None
         self.buffer: ReplayBuffer | None = None
+        self.pending: tuple[Transition, Tensor] | None = None
+        """Last chunk's transitions still waiting for their next chunk, and which envs they came from."""
         self.critic_updates = 0
         self.actor_updates = 0
         self.particle_seconds = 0.0
@@ -163,13 +191,15 @@ class SimpoAgent:
         return [self.objective, self.critic, self.critic_target, self.pi_old, self.temperature]
 
     def rank_state(self) -> dict[str, Any]:
+        if self.pending is not None:
+            raise RuntimeError("SiMPO's state can only be saved between episodes")
         return {"buffer": self.buffer.state_dict() if self.buffer is not None else None,
                 "critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
                 "particle_seconds": self.particle_seconds}
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
         if state["buffer"] is not None:
-            example = Transition(**{k: v[:1] for k, v in state["buffer"]["storage"].items()})
+            example = SimpoTransition(**{k: v[:1] for k, v in state["buffer"]["storage"].items()})
             self.buffer = ReplayBuffer(self.cfg.buffer_size, example)
             self.buffer.load_state_dict(state["buffer"])
         self.critic_updates, self.actor_updates = state["critic_updates"], state["actor_updates"]
@@ -177,15 +207,30 @@ class SimpoAgent:
 
     # --- acting and data ---------------------------------------------------------------------------
     def act(self, cond: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        chunk = sample_chunks(self.actor.unet, cond, self.act_tables, self.actor.horizon, self.actor.action_dim,
-                              generator)
-        return chunk, {}
+        return self.actor.sample(self.actor.unet, cond, generator=generator), {}
 
-    def observe(self, batch: ChunkBatch) -> None:
-        live = Transition(*(x[batch.live] for x in batch.transition))
+    def observe(self, batch: ChunkBatch, generator: torch.Generator) -> None:
+        """Store transitions once their next chunk is known: the next collected chunk of the same env, or,
+        for an episode that ended, a chunk sampled now at its final observation (used only if truncated)."""
+        tr = batch.transition
+        if self.pending is not None:
+            waiting, envs = self.pending
+            self._store(waiting, tr.chunk[envs])
+        ended = batch.live & batch.ended
+        if ended.any():
+            with torch.no_grad():
+                cond = self.actor.global_cond(tr.next_state[ended].to(self.device),
+                                              tr.next_env_state[ended].to(self.device))
+                bootstrap = self.act(cond, generator)[0].cpu()
+            self._store(Transition(*(x[ended] for x in tr)), bootstrap)
+        running = batch.live & ~batch.ended
+        self.pending = (Transition(*(x[running] for x in tr)), running) if running.any() else None
+
+    def _store(self, transitions: Transition, next_chunk: Tensor) -> None:
+        rows = SimpoTransition(*transitions, next_chunk)
         if self.buffer is None:
-            self.buffer = ReplayBuffer(self.cfg.buffer_size, live)
-        self.buffer.add(live)
+            self.buffer = ReplayBuffer(self.cfg.buffer_size, rows)
+        self.buffer.add(rows)
 
     def ready(self, env_steps: int) -> bool:
         return env_steps >= self.cfg.learning_starts and self.buffer is not None
@@ -193,32 +238,37 @@ class SimpoAgent:
     # --- updates -----------------------------------------------------------------------------------
     def sample_particles(self, unet: nn.Module, cond: Tensor, generator: torch.Generator) -> Tensor:
         """cond (M, C) -> (M, H, Da) chunks from `unet` with the cheap particle sampler."""
-        return sample_chunks(unet, cond, self.particle_tables, self.actor.horizon, self.actor.action_dim, generator)
+        return self.actor.sample(unet, cond, self.cfg.particle_steps, clip=self.cfg.clip_particles, generator=generator)
 
     @torch.no_grad()
-    def actor_batch(self, batch: Transition, generator: torch.Generator) -> ActorBatch:
+    def actor_batch(self, batch: SimpoTransition, generator: torch.Generator) -> ActorBatch:
         n, b = self.cfg.particles, batch.state.shape[0]
         cond = self.actor.global_cond(batch.state, batch.env_state).repeat_interleave(n, dim=0)  # (B*N, C)
         particles = self.sample_particles(self.pi_old, cond, generator)
         if self.cfg.particle_noise > 0:
             particles = particles + self.cfg.particle_noise * torch.randn(
                 particles.shape, generator=generator, device=particles.device)
-        bound = self.particle_tables.clip_range or 1.0
-        particles = particles.clamp(-bound, bound)
+        clipped = particles.clamp(-self.action_bound, self.action_bound)  # what the env would be sent
+        if self.cfg.clip_particles:
+            particles = clipped
         obs = critic_obs(batch.state, batch.env_state).repeat_interleave(n, dim=0)
-        q1, q2 = self.critic(obs, self.actor.executed(particles).flatten(1))
+        q1, q2 = self.critic(obs, self.actor.executed(clipped).flatten(1))
         q = (0.5 * (q1 + q2)).reshape(b, n)
         scaled = q / q.std(dim=-1, keepdim=True).clamp(min=1e-6) if self.cfg.standardise_q and n > 1 else q
         normalised = solve_weights(scaled, self.temperature.value, self.weighting, self.negative_bound).weights
-        noise = torch.randn(particles.shape, generator=generator, device=particles.device)
-        t = torch.randint(0, len(self.actor.alphas_cumprod), (b * n,), generator=generator, device=particles.device)
-        noisy = diffuse(self.actor.alphas_cumprod, particles, noise, t)
-        return ActorBatch(noisy, t, cond, noise, n * normalised.reshape(-1), normalised, q)
+        weights = n * normalised.reshape(-1)
+        if self.cfg.centred_weights:
+            weights = weights - 1.0
+        return ActorBatch(particles, cond, weights, normalised, q)
 
-    def critic_loss(self, batch: Transition, generator: torch.Generator) -> Tensor:
+    def critic_loss(self, batch: SimpoTransition, generator: torch.Generator) -> Tensor:
         with torch.no_grad():
-            next_cond = self.actor.global_cond(batch.next_state, batch.next_env_state)
-            next_chunk = self.sample_particles(self.actor.unet, next_cond, generator)
+            if self.cfg.target == "behaviour":
+                next_chunk = batch.next_chunk
+            else:
+                next_cond = self.actor.global_cond(batch.next_state, batch.next_env_state)
+                next_chunk = self.sample_particles(self.actor.unet, next_cond, generator)
+                next_chunk = next_chunk.clamp(-self.action_bound, self.action_bound)
             next_q = self.critic_target(critic_obs(batch.next_state, batch.next_env_state),
                                         self.actor.executed(next_chunk).flatten(1))
             target = td_target(batch.reward, batch.discount, next_q)
@@ -242,7 +292,7 @@ class SimpoAgent:
             start = time.perf_counter()
             ab = self.actor_batch(self._sample(self.cfg.actor_batch_size, cpu_generator), generator)
             self.particle_seconds += time.perf_counter() - start
-            actor_loss = self.objective(ab.noisy, ab.timesteps, ab.global_cond, ab.noise, ab.weights)
+            actor_loss = self.objective(ab.particles, ab.global_cond, ab.weights, generator)
             step(actor_loss, self.actor_opt, self.objective)
             temp_loss = self.temperature.loss(gather(ab.normalised))  # the same lambda on every rank
             self.temp_opt.zero_grad(set_to_none=True)
@@ -260,8 +310,8 @@ class SimpoAgent:
             }
         return metrics
 
-    def _sample(self, batch_size: int, cpu_generator: torch.Generator) -> Transition:
-        return Transition(*(x.to(self.device) for x in self.buffer.sample(batch_size, cpu_generator)))
+    def _sample(self, batch_size: int, cpu_generator: torch.Generator) -> SimpoTransition:
+        return SimpoTransition(*(x.to(self.device) for x in self.buffer.sample(batch_size, cpu_generator)))
 
     def summary(self) -> dict[str, Any]:
         return {"critic_updates": self.critic_updates, "actor_updates": self.actor_updates,

@@ -28,7 +28,7 @@ import torch
 
 from simpo_robot.errors import SimpoRobotError
 from simpo_robot.logging_utils import console
-from simpo_robot.rl.actor import DiffusionActor
+from simpo_robot.rl.actor import DiffusionActor, FlowActor, make_actor
 from simpo_robot.rl.agent import Agent, ChunkBatch
 from simpo_robot.rl.chunks import chunk_return
 from simpo_robot.rl.dppo import DppoAgent, DppoConfig
@@ -151,7 +151,7 @@ class ObsHistory:
 class Rollout:
     """Vectorised envs played chunk by chunk with the agent's sampler; episodes run in lock-step."""
 
-    def __init__(self, spec: TaskSpec, actor: DiffusionActor, pre, post, num_envs: int, seed: int, gamma: float,
+    def __init__(self, spec: TaskSpec, actor: DiffusionActor | FlowActor, pre, post, num_envs: int, seed: int, gamma: float,
                  device: torch.device):
         self.spec, self.actor, self.pre, self.post = spec, actor, pre, post
         self.num_envs, self.seed, self.gamma, self.device = num_envs, seed, gamma, device
@@ -318,10 +318,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     spec = load_task(cfg.task)
     loaded = load_policy(cfg.policy, device=str(device))
     check_policy_fits_task(loaded.config, spec)
-    if loaded.config.type != "diffusion":
-        raise SimpoRobotError(f"{cfg.policy} is a {loaded.config.type!r} policy; finetune needs a diffusion policy.")
+    if loaded.config.type not in ("diffusion", "flow") or (cfg.algo == "dppo" and loaded.config.type != "diffusion"):
+        needs = "a diffusion policy" if cfg.algo == "dppo" else "a diffusion or flow policy"
+        raise SimpoRobotError(f"{cfg.policy} is a {loaded.config.type!r} policy; --algo {cfg.algo} needs {needs}.")
     policy, pre, post = loaded.policy, loaded.preprocessor, loaded.postprocessor
-    actor = DiffusionActor(policy)
+    actor = make_actor(policy)
     obs_dim = actor.n_obs_steps * sum(f.shape[0] for f in loaded.config.input_features.values())
     if cfg.algo == "simpo":
         agent = SimpoAgent(cfg.simpo, cfg.weighting, cfg.negative_bound, actor, obs_dim, device)
@@ -397,7 +398,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             batch, steps = rollout.step_chunk(agent, generator)
             sim_seconds += time.perf_counter() - t0
-            agent.observe(batch)
+            agent.observe(batch, generator)
             counters.env_steps += int(accelerator.gather(torch.tensor([steps], device=device)).sum())
             counters.chunks += 1
             progress.update(bar, completed=min(counters.env_steps, cfg.env_steps))
