@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/finetune.py                       # the full grid (hours on 2 CPU cores)
     .venv/bin/python benchmarks/finetune.py --tasks fetch_push --algos simpo-linear --seeds 0 --env-steps 20000
+    .venv/bin/python benchmarks/finetune.py --tasks fetch_push --policy-types flow --algos simpo-linear simpo-exp
 
 Each run is `simpo-robot finetune` in its own process (its peak RSS, children included, is sampled with
-psutil), from pretrained/<task>, with the success curve every --eval-every env steps. The raw simulator's
+psutil), from pretrained/<task> (diffusion) or pretrained/<task>-flow (flow; SiMPO only), with the success curve every --eval-every env steps. The raw simulator's
 env steps per second on the same vectorised envs are measured in the same invocation, so the ratio of
 fine-tuning to simulator throughput compares like with like. Results merge into
 benchmarks/results/finetune.json (a rerun of a (task, algo, weighting, bound, seed) replaces it); the table
@@ -52,10 +53,14 @@ def raw_sim_steps_per_s(task: str, num_envs: int, steps: int = 400) -> float:
     return (steps // num_envs) * num_envs / elapsed
 
 
-def run_one(task: str, name: str, seed: int, args) -> dict:
+POLICY_SUFFIX = {"diffusion": "", "flow": "-flow"}
+
+
+def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
     algo, weighting, bound = ALGOS[name]
-    out = ROOT / "outputs" / "benchmarks" / f"{task}-{name}-s{seed}"
-    cmd = [sys.executable, "-m", "simpo_robot", "finetune", "--policy", str(ROOT / "pretrained" / task),
+    policy = task + POLICY_SUFFIX[policy_type]
+    out = ROOT / "outputs" / "benchmarks" / f"{policy}-{name}-s{seed}"
+    cmd = [sys.executable, "-m", "simpo_robot", "finetune", "--policy", str(ROOT / "pretrained" / policy),
            "--task", task, "--algo", algo, "--env-steps", str(args.env_steps), "--seed", str(seed),
            "--num-envs", str(args.num_envs), "--eval-every", str(args.eval_every),
            "--eval-episodes", str(args.eval_episodes), "--final-eval-episodes", str(args.final_eval_episodes),
@@ -77,7 +82,7 @@ def run_one(task: str, name: str, seed: int, args) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     return {
-        "task": task, "algo": algo, "weighting": weighting, "negative_bound": bound, "seed": seed,
+        "task": task, "policy_type": policy_type, "algo": algo, "weighting": weighting, "negative_bound": bound, "seed": seed,
         "env_steps": summary["env_steps"], "pc_success_before": summary["pc_success_before"],
         "pc_success_after": summary["pc_success_after"], "curve": summary["curve"],
         "wall_s": time.perf_counter() - start, "peak_rss_mb": peak / 2**20,
@@ -87,13 +92,15 @@ def run_one(task: str, name: str, seed: int, args) -> dict:
 
 
 def key(run: dict) -> tuple:
-    return run["task"], run["algo"], run["weighting"], run["negative_bound"], run["seed"]
+    return (run["task"], run.get("policy_type", "diffusion"), run["algo"], run["weighting"], run["negative_bound"],
+            run["seed"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["fetch_push", "fetch_pick_place"])
     parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    parser.add_argument("--policy-types", nargs="+", default=["diffusion"], choices=list(POLICY_SUFFIX))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--env-steps", type=int, default=300_000)
     parser.add_argument("--num-envs", type=int, default=16)
@@ -106,14 +113,15 @@ def main() -> None:
     path = RESULTS / "finetune.json"
     runs = {key(r): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
     raw = {task: raw_sim_steps_per_s(task, args.num_envs) for task in args.tasks}
-    for task in args.tasks:
-        for name in args.algos:
-            for seed in args.seeds:
-                run = run_one(task, name, seed, args) | {"raw_sim_steps_per_s": raw[task]}
-                runs[key(run)] = run
-                print(f"{task} {name} seed {seed}: {run['pc_success_before']:.0f}% -> {run['pc_success_after']:.0f}% "
-                      f"in {run['env_steps']} env steps, {run['wall_s']:.0f} s, {run['peak_rss_mb']:.0f} MB", flush=True)
-                path.write_text(json.dumps({"runs": list(runs.values())}, indent=2))
+    grid = [(task, kind, name) for task in args.tasks for kind in args.policy_types for name in args.algos
+            if (ROOT / "pretrained" / (task + POLICY_SUFFIX[kind])).is_dir() and (kind == "diffusion" or name != "dppo")]
+    for task, kind, name in grid:
+        for seed in args.seeds:
+            run = run_one(task, kind, name, seed, args) | {"raw_sim_steps_per_s": raw[task]}
+            runs[key(run)] = run
+            print(f"{task} {kind} {name} seed {seed}: {run['pc_success_before']:.0f}% -> {run['pc_success_after']:.0f}% "
+                  f"in {run['env_steps']} env steps, {run['wall_s']:.0f} s, {run['peak_rss_mb']:.0f} MB", flush=True)
+            path.write_text(json.dumps({"runs": list(runs.values())}, indent=2))
     report(list(runs.values()), args)
 
 
@@ -127,11 +135,13 @@ def report(runs: list[dict], args) -> None:
             "peak RSS (MB) | env steps/s (train / raw sim) |", "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["task"], r["algo"], r["weighting"], r["negative_bound"], r["env_steps"]), []).append(r)
+        groups.setdefault((r["task"], r.get("policy_type", "diffusion"), r["algo"], r["weighting"], r["negative_bound"],
+                           r["env_steps"]), []).append(r)
     tasks = sorted({g[0] for g in groups})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
-    for (task, algo, weighting, bound, steps), rs in sorted(groups.items(), key=str):
+    for (task, kind, algo, weighting, bound, steps), rs in sorted(groups.items(), key=str):
         label = f"simpo {weighting} (b={bound:g})" if algo == "simpo" else algo
+        label += " [flow]" if kind == "flow" else ""
         before = [r["pc_success_before"] for r in rs]
         after = [r["pc_success_after"] for r in rs]
         rows.append(

@@ -223,8 +223,11 @@ def test_simpo_stores_each_transition_with_the_next_chunk_of_its_env(tiny_push):
     assert agent.rank_state()["buffer"]["size"] == 5
 
 
-def test_centred_weights_make_the_actor_update_zero_when_q_is_flat(tiny_push):
-    agent, actor = _simpo_agent(tiny_push, centred_weights=True)
+def test_anchored_update_is_exactly_zero_when_q_is_flat_and_the_papers_is_not(tiny_push):
+    from simpo_robot.rl.simpo import SimpoTransition
+
+    agent, actor = _simpo_agent(tiny_push)
+    assert agent.cfg.self_fit == "pi_old"
 
     class Flat(torch.nn.Module):
         def forward(self, obs, chunk):
@@ -232,16 +235,17 @@ def test_centred_weights_make_the_actor_update_zero_when_q_is_flat(tiny_push):
 
     agent.critic = Flat()
     batch = _chunk_batch(actor, 2, [True, True], [True, True], 0.0).transition
-    from simpo_robot.rl.simpo import SimpoTransition
+    ab = agent.actor_batch(SimpoTransition(*batch, batch.chunk), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ab.weights, torch.ones_like(ab.weights))  # the critic cannot tell particles apart
 
-    ab = agent.actor_batch(SimpoTransition(*batch, batch.chunk), torch.Generator().manual_seed(0))
-    assert torch.equal(ab.weights, torch.zeros_like(ab.weights))
-    loss = agent.objective(ab.particles, ab.global_cond, ab.weights, torch.Generator().manual_seed(1))
-    loss.backward()
-    assert all(p.grad is None or p.grad.abs().max() == 0 for p in actor.unet.parameters())
-    agent.cfg.centred_weights = False  # the reference recipe's mean-1 weights re-fit the model to its samples
-    ab = agent.actor_batch(SimpoTransition(*batch, batch.chunk), torch.Generator().manual_seed(0))
-    torch.testing.assert_close(ab.weights, torch.ones_like(ab.weights))
+    def grad_norm(anchor):
+        actor.unet.zero_grad(set_to_none=True)
+        agent.objective(ab.particles, ab.global_cond, ab.weights, torch.Generator().manual_seed(1), anchor).backward()
+        return max(p.grad.abs().max().item() for p in actor.unet.parameters() if p.grad is not None)
+
+    assert grad_norm(agent.pi_old) == 0.0  # pi_old is a copy of the actor: nothing to move
+    assert grad_norm(None) > 1e-4  # the paper's loss re-fits the model to its own samples
+
 
 
 def test_flow_policy_finetunes_with_the_weighted_flow_loss(tmp_path):

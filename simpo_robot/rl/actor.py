@@ -4,7 +4,15 @@ Two model families, one interface (`DiffusionActor`, `FlowActor`; `make_actor` p
     actor.unet                                the trained network (LeRobot's 1-D conditional UNet)
     actor.global_cond(state, env_state)       normalised observation histories -> conditioning (B, C)
     actor.sample(net, cond, steps, ...)       chunks (M, H, Da) from `net` (the actor's or a frozen copy)
-    actor.objective(clip)                     module: (particles, cond, weights, generator) -> weighted loss
+    actor.objective(clip)                     module: (particles, cond, weights, generator, anchor) -> loss
+
+The objectives compute SiMPO's weighted matching loss sum_i w_i l(net(x_t), target_i). With an `anchor`
+network (pi_old) the part of it with weight 1 is matched in function space instead of on samples:
+
+    sum_i (w_i - 1) l(net(x_t), target_i) + l(net(x_t), anchor(x_t))
+
+(same quadratic term in net(x_t) per particle, so the same repulsion as the paper's loss, but with uniform
+weights the update is exactly zero at net = anchor, where re-fitting to samples is not; see simpo.py).
     actor.executed(chunk)                     the part of a chunk sent to the env
 
 Shape glossary
@@ -188,13 +196,20 @@ class DenoisingObjective(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.clone(), persistent=False)
         self.clip = clip
 
-    def forward(self, particles: Tensor, global_cond: Tensor, weights: Tensor, generator: torch.Generator) -> Tensor:
+    def forward(self, particles: Tensor, global_cond: Tensor, weights: Tensor, generator: torch.Generator,
+                anchor: nn.Module | None = None) -> Tensor:
         """particles (M, H, Da), global_cond (M, C), weights (M,): one random diffusion step per particle."""
         noise = torch.randn(particles.shape, generator=generator, device=particles.device, dtype=particles.dtype)
         t = torch.randint(0, len(self.alphas_cumprod), (particles.shape[0],), generator=generator,
                           device=particles.device)
         noisy = diffuse(self.alphas_cumprod, particles, noise, t)
-        return weighted_denoising_loss(self.unet(noisy, t, global_cond=global_cond), noise, weights, self.clip)
+        pred = self.unet(noisy, t, global_cond=global_cond)
+        if anchor is None:
+            return weighted_denoising_loss(pred, noise, weights, self.clip)
+        with torch.no_grad():
+            anchored = anchor(noisy, t, global_cond=global_cond)
+        return (weighted_denoising_loss(pred, noise, weights - 1.0, self.clip)
+                + weighted_denoising_loss(pred, anchored, torch.ones_like(weights), self.clip))
 
 
 class FlowObjective(nn.Module):
@@ -204,10 +219,16 @@ class FlowObjective(nn.Module):
         super().__init__()
         self.unet, self.timestep_scale, self.clip = unet, timestep_scale, clip
 
-    def forward(self, particles: Tensor, global_cond: Tensor, weights: Tensor, generator: torch.Generator) -> Tensor:
+    def forward(self, particles: Tensor, global_cond: Tensor, weights: Tensor, generator: torch.Generator,
+                anchor: nn.Module | None = None) -> Tensor:
         """particles (M, H, Da), global_cond (M, C), weights (M,): one random flow time per particle."""
         eps = torch.randn(particles.shape, generator=generator, device=particles.device, dtype=particles.dtype)
         t = torch.rand((particles.shape[0],), generator=generator, device=particles.device, dtype=particles.dtype)
         x_t, target = flow_interpolate(particles, eps, t)
         velocity = self.unet(x_t, t * self.timestep_scale, global_cond=global_cond)
-        return weighted_flow_loss(velocity, target, weights, self.clip)
+        if anchor is None:
+            return weighted_flow_loss(velocity, target, weights, self.clip)
+        with torch.no_grad():
+            anchored = anchor(x_t, t * self.timestep_scale, global_cond=global_cond)
+        return (weighted_flow_loss(velocity, target, weights - 1.0, self.clip)
+                + weighted_flow_loss(velocity, anchored, torch.ones_like(weights), self.clip))
