@@ -256,6 +256,7 @@ def test_flow_policy_finetunes_with_the_weighted_flow_loss(tmp_path):
     _run(flow, out, 200, "--final-eval-episodes", "1")
     info = json.loads((out / "final" / "training_info.json").read_text())
     assert info["algorithm"] == "simpo" and info["env_steps"] >= 200
+    assert (out / "checkpoints" / "last" / "trainer_rank0.pt").is_file()  # the run ends between episodes
     reloaded = load_policy(out / "final")
     assert reloaded.config.type == "flow"
     before, after = load_policy(flow).policy.state_dict(), reloaded.policy.state_dict()
@@ -278,3 +279,46 @@ def test_flow_actor_samples_like_the_policy_and_dppo_refuses_flow(tmp_path, caps
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
     code = main(["finetune", "--policy", str(flow), "--task", "fetch_push", "--algo", "dppo", "--out", str(tmp_path / "x")])
     assert code == 1 and "needs a diffusion policy" in capsys.readouterr().err
+
+
+def _dim0_after_updates(policy_dir, self_fit: str, weighting: str, bound: float, sign: float) -> float:
+    """Mean first action dimension of the policy's samples after 30 SiMPO actor updates with Q = sign * dim 0."""
+    from simpo_robot.rl.simpo import SimpoAgent, SimpoConfig, SimpoTransition
+
+    torch.manual_seed(0)
+    actor = DiffusionActor(load_policy(policy_dir).policy)
+    cfg = SimpoConfig(particles=8, self_fit=self_fit, refresh_every=10)
+    agent = SimpoAgent(cfg, weighting, bound, actor, obs_dim=2 * 28, device=torch.device("cpu"))
+
+    class Dim0(torch.nn.Module):
+        def forward(self, obs, chunk):
+            q = sign * chunk.reshape(chunk.shape[0], -1, actor.action_dim)[..., 0].mean(-1)
+            return TwinQ(q, q)
+
+    agent.critic = Dim0()
+    g = torch.Generator().manual_seed(0)
+    state, env_state = torch.randn(16, 2, 10, generator=g), torch.randn(16, 2, 18, generator=g)
+    chunks = torch.zeros(16, actor.horizon, actor.action_dim)
+    batch = SimpoTransition(state, env_state, chunks, torch.zeros(16), torch.ones(16), state, env_state, chunks)
+    opt = torch.optim.Adam(actor.unet.parameters(), lr=3e-3)
+    for update in range(30):
+        if update % cfg.refresh_every == 0:
+            agent.pi_old.load_state_dict(actor.unet.state_dict())
+        ab = agent.actor_batch(batch, g)
+        loss = agent.objective(ab.particles, ab.global_cond, ab.weights, g, agent.pi_old if self_fit == "pi_old" else None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        x = actor.sample(actor.unet, actor.global_cond(state, env_state), generator=torch.Generator().manual_seed(5))
+    return actor.executed(x)[..., 0].mean().item()
+
+
+@pytest.mark.parametrize("self_fit, weighting, bound", [("pi_old", "linear", -0.5), ("samples", "exp", 0.0)])
+def test_actor_updates_follow_the_critic(tiny_push, self_fit, weighting, bound):
+    """Same data, same noise, opposite critics (Q = +-dim 0): the policy ends higher on dim 0 under +dim 0.
+
+    Comparing the two removes whatever the update does regardless of Q (re-fitting an untrained model)."""
+    up = _dim0_after_updates(tiny_push, self_fit, weighting, bound, +1.0)
+    down = _dim0_after_updates(tiny_push, self_fit, weighting, bound, -1.0)
+    assert up > down + 0.02, (up, down)

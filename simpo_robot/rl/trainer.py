@@ -65,7 +65,8 @@ class FinetuneConfig:
     negative_bound: float = -0.5
     """Floor b <= 0 on N * w_i: b < 0 allows negative weights (repulsion), b = 0 sparsemax-like weights."""
     env_steps: int = 20_000
-    """Environment steps of fine-tuning, summed over all envs and processes."""
+    """Environment steps of fine-tuning, summed over all envs and processes (at least: the episodes in flight
+    are finished, so that the run ends with a resumable checkpoint)."""
     seed: int = 0
     out: Path = Path("outputs/finetune/fetch_push")
     """Output folder: final/, eval_info.json, metrics.jsonl, tensorboard/, learning_curve.png."""
@@ -393,7 +394,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=console, transient=True, disable=not accelerator.is_main_process) as progress:
         bar = progress.add_task(f"{_algo_label(cfg)} {spec.name}", total=cfg.env_steps, status="")
-        while counters.env_steps < cfg.env_steps:
+        # Runs finish the episodes in flight, so that the final state is a resumable one (between episodes).
+        while counters.env_steps < cfg.env_steps or not rollout.between_episodes:
             # --- collect one chunk per env -----------------------------------------------------------
             t0 = time.perf_counter()
             batch, steps = rollout.step_chunk(agent, generator)
