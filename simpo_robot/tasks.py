@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import re
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,9 @@ class TaskSpec:
     """Sources concatenated into `observation.environment_state` (objects and goal)."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for `gym.make`."""
+    training_env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `env_kwargs` for the fine-tuning envs only (e.g. a shaped reward); evaluation, success and
+    every other command use `env_kwargs`."""
     fps: int = 25
     """Control frequency (1 / env step duration), stored in recorded datasets."""
     success_key: str = "is_success"
@@ -86,6 +89,10 @@ class TaskSpec:
     """Name of the scripted expert in `simpo_robot.experts.EXPERTS`, or null."""
     description: str = ""
     """One line for humans."""
+
+    def training(self) -> TaskSpec:
+        """This task with `training_env_kwargs` applied (what `simpo-robot finetune` trains on)."""
+        return replace(self, env_kwargs={**self.env_kwargs, **self.training_env_kwargs})
 
     def __post_init__(self) -> None:
         if self.max_episode_steps <= 0:

@@ -108,3 +108,19 @@ def test_feature_mismatch_names_feature_and_shapes():
     Cfg.input_features[OBS_ENV_STATE] = PolicyFeature(FeatureType.ENV, (16,))
     with pytest.raises(SimpoRobotError, match=r"observation.environment_state: policy expects shape \(16,\), task gives \(3,\)"):
         check_policy_fits_task(Cfg, load_task("fetch_reach"))
+
+
+def test_training_envs_get_the_dense_reward_and_the_same_success_signal():
+    spec = load_task("fetch_push")
+    train = spec.training()
+    assert spec.env_kwargs == {"reward_type": "sparse"} and train.env_kwargs == {"reward_type": "dense"}
+    rewards = {}
+    for label, task in (("sparse", spec), ("dense", train)):
+        env = make_env(task)
+        env.reset(seed=3)
+        _, reward, _, _, info = env.step(np.zeros(4, np.float32))
+        goal_distance = np.linalg.norm(env.unwrapped._get_obs()["achieved_goal"] - env.unwrapped.goal)
+        rewards[label] = (reward, goal_distance, is_success(task, info))
+        env.close()
+    assert rewards["sparse"][0] == -1.0 and not rewards["sparse"][2]  # the block starts away from the goal
+    assert rewards["dense"][0] == pytest.approx(-rewards["dense"][1]) and not rewards["dense"][2]

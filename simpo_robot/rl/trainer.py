@@ -96,6 +96,9 @@ class FinetuneConfig:
     """Resume the run in this folder from its last checkpoint (rerun the same command with --resume OUT)."""
     device: str | None = None
     """torch device; default: Accelerate's choice (cuda when available)."""
+    shaped_reward: bool = True
+    """Train on the task's `training_env_kwargs` (Fetch: the dense reward, minus the goal distance). Success,
+    evaluation and the learning curve always use the task's own reward and success signal."""
     torch_threads: int = 1
     """CPU threads per process. The networks are small: one thread per process (and more processes via
     `accelerate launch`) is much faster than intra-op threads, which oversubscribe a busy CPU (measured:
@@ -337,7 +340,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         accelerator.register_for_checkpointing(obj)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     cpu_generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    rollout = Rollout(spec, actor, pre, post, cfg.num_envs, seed=cfg.seed * 1_000_000 + rank * 100_000,
+    rollout = Rollout(spec.training() if cfg.shaped_reward else spec, actor, pre, post, cfg.num_envs, seed=cfg.seed * 1_000_000 + rank * 100_000,
                       gamma=cfg.gamma, device=device)
     counters = Counters()
     logger = MetricsLogger(out, enabled=accelerator.is_main_process)
