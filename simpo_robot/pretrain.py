@@ -108,43 +108,32 @@ def make_policy_config(spec: TaskSpec, cfg: PretrainConfig, device: str = "cpu")
 
 def make_flow_config(spec: TaskSpec, cfg: PretrainConfig, device: str = "cpu") -> Any:
     """A `FlowConfig` for `spec`: the same features, normalisation and UNet sizes as `make_diffusion_config`."""
-    from lerobot.configs.types import NormalizationMode
-
     from simpo_robot.policies.flow import FlowConfig
 
-    feats = policy_features(spec)
     return FlowConfig(
-        input_features=dict(feats.inputs),
-        output_features=dict(feats.outputs),
-        normalization_mapping={
-            "STATE": NormalizationMode.MEAN_STD,
-            "ENV": NormalizationMode.MEAN_STD,
-            "ACTION": NormalizationMode.MIN_MAX,
-        },
-        n_obs_steps=cfg.n_obs_steps,
-        horizon=cfg.horizon,
-        n_action_steps=cfg.n_action_steps,
-        drop_n_last_frames=cfg.horizon - cfg.n_action_steps - cfg.n_obs_steps + 1,
-        down_dims=tuple(cfg.down_dims),
-        kernel_size=cfg.kernel_size,
-        n_groups=cfg.n_groups,
-        diffusion_step_embed_dim=cfg.diffusion_step_embed_dim,
+        **_shared_policy_kwargs(spec, cfg, device),
         timestep_scale=cfg.timestep_scale,
-        num_inference_steps=cfg.num_inference_steps,
-        optimizer_lr=cfg.lr,
-        optimizer_weight_decay=cfg.weight_decay,
-        device=device,
-        push_to_hub=False,
     )
 
 
 def make_diffusion_config(spec: TaskSpec, cfg: PretrainConfig, device: str = "cpu") -> Any:
     """A `DiffusionConfig` for `spec` (features from its env spaces) with the sizes in `cfg`."""
-    from lerobot.configs.types import NormalizationMode
     from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
 
-    feats = policy_features(spec)
     return DiffusionConfig(
+        **_shared_policy_kwargs(spec, cfg, device),
+        noise_scheduler_type="DDIM",
+        num_train_timesteps=cfg.num_train_timesteps,
+        pretrained_backbone_weights=None,
+    )
+
+
+def _shared_policy_kwargs(spec: TaskSpec, cfg: PretrainConfig, device: str) -> dict[str, Any]:
+    """The config fields diffusion and flow policies share: features, normalisation, chunking, UNet, optimizer."""
+    from lerobot.configs.types import NormalizationMode
+
+    feats = policy_features(spec)
+    return dict(
         input_features=dict(feats.inputs),
         output_features=dict(feats.outputs),
         # observations: mean/std (robust to near-constant dims); actions: min/max to [-1, 1] for clip_sample
@@ -161,10 +150,7 @@ def make_diffusion_config(spec: TaskSpec, cfg: PretrainConfig, device: str = "cp
         kernel_size=cfg.kernel_size,
         n_groups=cfg.n_groups,
         diffusion_step_embed_dim=cfg.diffusion_step_embed_dim,
-        noise_scheduler_type="DDIM",
-        num_train_timesteps=cfg.num_train_timesteps,
         num_inference_steps=cfg.num_inference_steps,
-        pretrained_backbone_weights=None,
         optimizer_lr=cfg.lr,
         optimizer_weight_decay=cfg.weight_decay,
         device=device,
