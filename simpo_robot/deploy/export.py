@@ -80,28 +80,9 @@ def export_onnx(unet: Any, path: Path, horizon: int, action_dim: int, global_con
     """Export the UNet (sample (B,H,Da), timestep (B,) int64, global_cond (B,C)) -> (B,H,Da), batch dynamic."""
     import torch
 
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    args = (
-        torch.zeros(2, horizon, action_dim),
-        torch.zeros(2, dtype=torch.long),
-        torch.zeros(2, global_cond_dim),
-    )
-    unet = unet.eval()
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        # The exporter's own deprecation chatter (pytree LeafSpec, dynamic axis renaming) is not actionable.
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*axis name.*")
-        program = torch.onnx.export(
-            unet,
-            args,
-            input_names=["sample", "timestep", "global_cond"],
-            output_names=["model_output"],
-            dynamic_shapes={"x": {0: batch}, "timestep": {0: batch}, "global_cond": {0: batch}},
-            opset_version=ONNX_OPSET,
-            dynamo=True,
-            verbose=False,
-        )
-    program.save(str(path))
+    args = (torch.zeros(2, horizon, action_dim), torch.zeros(2, dtype=torch.long), torch.zeros(2, global_cond_dim))
+    _export(unet, args, path, arg_names=("x", "timestep", "global_cond"),
+            input_names=["sample", "timestep", "global_cond"], output_name="model_output")
 
 
 def export_velocity_onnx(flow: Any, path: Path, horizon: int, action_dim: int, global_cond_dim: int) -> None:
@@ -110,18 +91,32 @@ def export_velocity_onnx(flow: Any, path: Path, horizon: int, action_dim: int, g
 
     from simpo_robot.policies.flow.modeling_flow import VelocityNetwork
 
-    batch = torch.export.Dim("batch", min=1, max=1024)
     args = (torch.zeros(2, horizon, action_dim), torch.full((2,), 0.5), torch.zeros(2, global_cond_dim))
-    network = VelocityNetwork(flow).eval()
+    _export(VelocityNetwork(flow), args, path, arg_names=("x", "t", "global_cond"),
+            input_names=["sample", "t", "global_cond"], output_name="velocity")
+
+
+def _export(module: Any, args: tuple, path: Path, arg_names: tuple[str, ...], input_names: list[str],
+            output_name: str) -> None:
+    """torch.onnx.export (dynamo) of `module(*args)` to `path`, the batch (dim 0 of every input) dynamic.
+
+    `arg_names` are the names of `module.forward`'s parameters (the keys of dynamic_shapes), `input_names`
+    the ONNX graph's input names.
+    """
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    module = module.eval()
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # The exporter's own deprecation chatter (pytree LeafSpec, dynamic axis renaming) is not actionable.
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*axis name.*")
         program = torch.onnx.export(
-            network,
+            module,
             args,
-            input_names=["sample", "t", "global_cond"],
-            output_names=["velocity"],
-            dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "global_cond": {0: batch}},
+            input_names=input_names,
+            output_names=[output_name],
+            dynamic_shapes={name: {0: batch} for name in arg_names},
             opset_version=ONNX_OPSET,
             dynamo=True,
             verbose=False,

@@ -220,11 +220,16 @@ class TorchDenoiser:
         self.unet = unet
 
     def __call__(self, x: np.ndarray, timestep: np.ndarray, global_cond: np.ndarray) -> np.ndarray:
-        import torch
+        return _call_torch(self.unet, x, timestep, global_cond)
 
-        with torch.inference_mode():
-            out = self.unet(torch.from_numpy(x), torch.from_numpy(timestep), global_cond=torch.from_numpy(global_cond))
-        return out.numpy()
+
+def _call_torch(network: Any, x: np.ndarray, t: np.ndarray, global_cond: np.ndarray) -> np.ndarray:
+    """`network(x, t, global_cond)` on torch views of the arrays, without autograd; the output as numpy."""
+    import torch
+
+    with torch.inference_mode():
+        out = network(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(global_cond))
+    return out.numpy()
 
 
 class OnnxDenoiser:
@@ -315,11 +320,7 @@ class TorchVelocity:
         self.flow = flow
 
     def __call__(self, x: np.ndarray, t: np.ndarray, global_cond: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            out = self.flow.velocity(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(global_cond))
-        return out.numpy()
+        return _call_torch(self.flow.velocity, x, t, global_cond)
 
 
 class OnnxVelocity(OnnxDenoiser):
