@@ -14,6 +14,7 @@ and a plot go to BENCHMARKS.md (section "finetune").
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -67,6 +68,7 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
            "--out", str(out), "--overwrite", "true"]
     if weighting is not None:
         cmd += ["--weighting", weighting, "--negative-bound", str(bound)]
+    cmd += shlex.split(args.finetune_args)
     start = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
@@ -87,7 +89,7 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
         "pc_success_after": summary["pc_success_after"], "curve": summary["curve"],
         "wall_s": time.perf_counter() - start, "peak_rss_mb": peak / 2**20,
         "env_steps_per_s": summary["env_steps_per_s"], "num_envs": args.num_envs,
-        "final_eval_episodes": args.final_eval_episodes,
+        "final_eval_episodes": args.final_eval_episodes, "finetune_args": args.finetune_args,
     }
 
 
@@ -107,6 +109,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25_000)
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--final-eval-episodes", type=int, default=100)
+    parser.add_argument("--finetune-args", default="", help="more flags for every run, e.g. '--simpo.actor-starts 20000'")
     args = parser.parse_args()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -118,6 +121,8 @@ def main() -> None:
     for task, kind, name in grid:
         for seed in args.seeds:
             run = run_one(task, kind, name, seed, args) | {"raw_sim_steps_per_s": raw[task]}
+            # merge with what other invocations wrote meanwhile (several may run side by side)
+            runs = {key(r): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
             runs[key(run)] = run
             print(f"{task} {kind} {name} seed {seed}: {run['pc_success_before']:.0f}% -> {run['pc_success_after']:.0f}% "
                   f"in {run['env_steps']} env steps, {run['wall_s']:.0f} s, {run['peak_rss_mb']:.0f} MB", flush=True)

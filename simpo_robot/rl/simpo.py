@@ -82,8 +82,9 @@ class SimpoConfig:
     "actor" (a fresh sample from the current actor with the particle sampler, the reference recipe)."""
     refresh_every: int = 50
     """Actor updates between refreshes of pi_old (a hard copy of the denoiser)."""
-    target_kl: float = 1.0
-    """Target KL(weights || uniform) of the learned temperature."""
+    target_kl: float = 0.05
+    """Target KL(weights || uniform) of the learned temperature. Small: the critic's ranking of particles is
+    mostly noise on these tasks, and with 1.0 every variant collapsed fetch_push to 9% (BENCHMARKS.md)."""
     init_temperature: float = 1.0
     temperature_lr: float = 3e-2
     standardise_q: bool = True
@@ -97,13 +98,14 @@ class SimpoConfig:
     """Replay capacity in chunk transitions."""
     learning_starts: int = 2_000
     """Env steps collected before the first (critic) update."""
-    actor_starts: int = 5_000
+    actor_starts: int = 20_000
     """Env steps before the first actor update: the weights are only as good as the critic, and updates
-    driven by an untrained critic measurably degraded the pretrained policy."""
+    driven by an untrained critic measurably degraded the pretrained policy. (Cheap: before it, fine-tuning
+    runs at the acting rate, about 200 env steps/s here.)"""
     critic_updates: int = 4
     """Critic updates per collected chunk (across all envs of a process)."""
-    actor_every: int = 2
-    """Critic updates per actor update."""
+    actor_every: int = 8
+    """Critic updates per actor update (an actor update costs about 100 critic updates on a CPU)."""
     batch_size: int = 256
     """Critic batch (transitions)."""
     actor_batch_size: int = 32
