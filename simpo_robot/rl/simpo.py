@@ -84,7 +84,7 @@ class SimpoConfig:
     """Actor updates between refreshes of pi_old (a hard copy of the denoiser)."""
     target_kl: float = 0.05
     """Target KL(weights || uniform) of the learned temperature. Small: the critic's ranking of particles is
-    mostly noise on these tasks, and with 1.0 every variant collapsed fetch_push to 9% (BENCHMARKS.md)."""
+    mostly noise on these tasks, and with 1.0 every variant collapsed fetch_push to 9 percent success (BENCHMARKS.md)."""
     init_temperature: float = 1.0
     temperature_lr: float = 3e-2
     standardise_q: bool = True
