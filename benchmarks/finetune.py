@@ -109,12 +109,16 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25_000)
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--final-eval-episodes", type=int, default=100)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from the JSON")
     parser.add_argument("--finetune-args", default="", help="more flags for every run, e.g. '--simpo.actor-starts 20000'")
     args = parser.parse_args()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "finetune.json"
     runs = {key(r): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
+    if args.report_only:
+        report(list(runs.values()), args)
+        return
     raw = {task: raw_sim_steps_per_s(task, args.num_envs) for task in args.tasks}
     grid = [(task, kind, name) for task in args.tasks for kind in args.policy_types for name in args.algos
             if (ROOT / "pretrained" / (task + POLICY_SUFFIX[kind])).is_dir() and (kind == "diffusion" or name != "dppo")]
@@ -165,7 +169,8 @@ def report(runs: list[dict], args) -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "finetune.png", dpi=100)
     body = (f"## Fine-tuning the shipped checkpoints (`benchmarks/finetune.py`)\n\n"
-            f"Command: `.venv/bin/python {' '.join(sys.argv)}`\nMachine: {machine()}\nDate: {today()}\n\n"
+            f"Command (the last invocation; the table has every run in `benchmarks/results/finetune.json`, "
+            f"each with its own flags): `.venv/bin/python {' '.join(sys.argv)}`\nMachine: {machine()}\nDate: {today()}\n\n"
             "Success is over the same evaluation episodes before and after (seeds 1000+i); curves are the "
             "mean over seeds. `env steps/s` compares fine-tuning throughput (collection, updates and the "
             "periodic evaluations) with the vectorised simulator alone, measured in the same invocation.\n\n"
