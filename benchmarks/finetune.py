@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/finetune.py                       # the full grid (hours on 2 CPU cores)
     .venv/bin/python benchmarks/finetune.py --tasks fetch_push --algos simpo-linear --seeds 0 --env-steps 20000
     .venv/bin/python benchmarks/finetune.py --tasks fetch_push --policy-types flow --algos simpo-linear simpo-exp
+    .venv/bin/python benchmarks/finetune.py --tasks fetch_push --algos simpo-linear --seeds 0 --env-steps 300000 --extend
 
 Each run is `simpo-robot finetune` in its own process (its peak RSS, children included, is sampled with
 psutil), from pretrained/<task> (diffusion) or pretrained/<task>-flow (flow; SiMPO only), with the success curve every --eval-every env steps. The raw simulator's
@@ -65,31 +66,45 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
            "--task", task, "--algo", algo, "--env-steps", str(args.env_steps), "--seed", str(seed),
            "--num-envs", str(args.num_envs), "--eval-every", str(args.eval_every),
            "--eval-episodes", str(args.eval_episodes), "--final-eval-episodes", str(args.final_eval_episodes),
-           "--out", str(out), "--overwrite", "true"]
+           "--out", str(out)]
     if weighting is not None:
         cmd += ["--weighting", weighting, "--negative-bound", str(bound)]
-    cmd += shlex.split(args.finetune_args)
+    previous = args.previous.get((task, policy_type, algo, weighting, bound, seed)) if args.extend else None
+    if args.extend and previous is None:
+        raise SystemExit(f"--extend: no earlier run of {policy} {name} seed {seed} in finetune.json to extend")
+    # An extended run goes on from its last checkpoint with the flags it was started with.
+    cmd += ["--resume", str(out)] if previous else ["--overwrite", "true"]
+    cmd += shlex.split(previous["finetune_args"] if previous else args.finetune_args)
+    # Training time before this invocation (the run's summary accumulates it across resumptions).
+    trained_before = json.loads((out / "summary.json").read_text())["wall_s"] if previous else 0.0
     start = time.perf_counter()
-    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            tree = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.5)
-    stderr = proc.stderr.read()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.parent / f"{out.name}.log"  # a file, not a pipe: a long run's log would fill a pipe and block
+    with open(log_path, "a") as log_file:
+        proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                tree = [proc, *proc.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.5)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed (log: {log_path}):\n{log_path.read_text()[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
+    # An extended run: the first invocation's wall time (start-up and evaluations included) plus the
+    # training time added since (process start-up and evaluations of the continuation are not counted).
+    wall = previous["wall_s"] + summary["wall_s"] - trained_before if previous else time.perf_counter() - start
     return {
         "task": task, "policy_type": policy_type, "algo": algo, "weighting": weighting, "negative_bound": bound, "seed": seed,
         "env_steps": summary["env_steps"], "pc_success_before": summary["pc_success_before"],
         "pc_success_after": summary["pc_success_after"], "curve": summary["curve"],
-        "wall_s": time.perf_counter() - start, "peak_rss_mb": peak / 2**20,
+        "wall_s": wall,
+        "peak_rss_mb": max(peak / 2**20, previous["peak_rss_mb"] if previous else 0.0),
         "env_steps_per_s": summary["env_steps_per_s"], "num_envs": args.num_envs,
-        "final_eval_episodes": args.final_eval_episodes, "finetune_args": args.finetune_args,
+        "final_eval_episodes": args.final_eval_episodes,
+        "finetune_args": previous["finetune_args"] if previous else args.finetune_args,
     }
 
 
@@ -111,11 +126,15 @@ def main() -> None:
     parser.add_argument("--final-eval-episodes", type=int, default=100)
     parser.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from the JSON")
     parser.add_argument("--finetune-args", default="", help="more flags for every run, e.g. '--simpo.actor-starts 20000'")
+    parser.add_argument("--extend", action="store_true",
+                        help="continue the recorded runs from their last checkpoints up to --env-steps (--resume); "
+                             "wall time adds up, the curve goes on")
     args = parser.parse_args()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "finetune.json"
     runs = {key(r): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
+    args.previous = runs
     if args.report_only:
         report(list(runs.values()), args)
         return
