@@ -164,6 +164,16 @@ def test_resume_refuses_a_different_command_and_a_missing_checkpoint(tiny_push, 
     assert "weighting" in capsys.readouterr().err
     assert main(["finetune", "--policy", str(tiny_push), "--resume", str(tmp_path / "nothing")]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+    # a run saved before an option existed resumes with the option's old behaviour, and only with it
+    config_file = tmp_path / "run" / "finetune_config.json"
+    config = json.loads(config_file.read_text())
+    del config["simpo"]["weighting_critic_every"]
+    config_file.write_text(json.dumps(config))
+    _run(tiny_push, tmp_path / "run", 150, "--resume", str(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["env_steps"] >= 150
+    with pytest.raises(AssertionError):
+        _run(tiny_push, tmp_path / "run", 200, "--resume", str(tmp_path / "run"), "--simpo.weighting-critic-every", "5")
+    assert "weighting_critic_every" in capsys.readouterr().err
 
 
 def test_two_processes_keep_parameters_identical_and_double_env_steps_per_update(tiny_push, tmp_path):
@@ -322,3 +332,42 @@ def test_actor_updates_follow_the_critic(tiny_push, self_fit, weighting, bound):
     up = _dim0_after_updates(tiny_push, self_fit, weighting, bound, +1.0)
     down = _dim0_after_updates(tiny_push, self_fit, weighting, bound, -1.0)
     assert up > down + 0.02, (up, down)
+
+
+def test_weighting_critic_is_a_frozen_copy_refreshed_every_n_actor_updates(tiny_push):
+    from simpo_robot.rl.simpo import SimpoConfig
+
+    agent, actor = _simpo_agent(tiny_push, weighting_critic_every=2, critic_updates=1, actor_every=1, actor_starts=0,
+                                batch_size=4, actor_batch_size=2)
+    agent.set_prepared({}, lambda m: m)
+    g = torch.Generator().manual_seed(0)
+    agent.observe(_chunk_batch(actor, 3, [True, True, True], [True, True, True], 0.0), g)
+
+    def step(loss, optimizer, module):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return True
+
+    def same() -> bool:
+        online, frozen = agent.critic.state_dict(), agent.weighting_critic.state_dict()
+        return all(torch.equal(online[k], frozen[k]) for k in online)
+
+    copies = []
+    for _ in range(4):  # each call: one critic update, then one actor update (copying first at 0 and 2)
+        agent.update(step, lambda x: x, g, torch.Generator().manual_seed(1), lambda m: m, env_steps=10)
+        copies.append(same())
+    assert copies == [True, False, True, False]
+    assert agent.weighting_critic in agent.shared_state() and not any(
+        p.requires_grad for p in agent.weighting_critic.parameters())
+
+    class Flat(torch.nn.Module):
+        def forward(self, obs, chunk):
+            return TwinQ(torch.zeros(obs.shape[0]), torch.zeros(obs.shape[0]))
+
+    agent.weighting_critic = Flat()  # the frozen copy, not the online critic, weights the particles
+    batch = agent._sample(2, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(agent.actor_batch(batch, g).weights, torch.ones(2 * agent.cfg.particles))
+    assert SimpoConfig(weighting_critic_every=0).weighting_critic_every == 0
+    with pytest.raises(ValueError, match="weighting_critic_every"):
+        SimpoConfig(weighting_critic_every=-1)

@@ -82,6 +82,12 @@ class SimpoConfig:
     "actor" (a fresh sample from the current actor with the particle sampler, the reference recipe)."""
     refresh_every: int = 50
     """Actor updates between refreshes of pi_old (a hard copy of the denoiser)."""
+    weighting_critic_every: int = 0
+    """0: particles are weighted by the online critic, which changes with every critic update. N > 0: by a
+    copy of it taken every N actor updates (at the first one, then every N), so that N actor updates in a row
+    improve on one fixed Q. Against a critic frozen after warm-up the actor update improves fetch_push for
+    about 150 updates (BENCHMARKS.md "actor_probe"); online, a copy every 100 did not stop the decline
+    (fetch_push 44 -> 20 percent at 60k env steps, against 21 with the online critic)."""
     target_kl: float = 0.05
     """Target KL(weights || uniform) of the learned temperature. Small: the critic's ranking of particles is
     mostly noise on these tasks, and with 1.0 every variant collapsed fetch_push to 9 percent success (BENCHMARKS.md)."""
@@ -121,6 +127,9 @@ class SimpoConfig:
                      "actor_every", "batch_size", "actor_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"simpo.{name} must be >= 1, got {getattr(self, name)}")
+        if self.weighting_critic_every < 0:
+            raise ValueError(f"simpo.weighting_critic_every must be >= 0 (0: the online critic), "
+                             f"got {self.weighting_critic_every}")
         if (self.particle_noise < 0 or self.target_kl < 0 or not self.loss_clip > 0 or self.learning_starts < 0
                 or self.actor_starts < 0):
             raise ValueError("simpo.particle_noise, target_kl, learning_starts and actor_starts must be >= 0, "
@@ -177,6 +186,8 @@ class SimpoAgent:
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
         self.temp_opt = torch.optim.Adam(self.temperature.parameters(), lr=cfg.temperature_lr)
         self.critic_target: TwinCritic | None = None
+        self.weighting_critic: TwinCritic | None = None
+        """The frozen copy that weights particles (weighting_critic_every > 0), else None (the online critic)."""
         self.buffer: ReplayBuffer | None = None
         self.pending: tuple[Transition, Tensor] | None = None
         """Last chunk's transitions still waiting for their next chunk, and which envs they came from."""
@@ -194,12 +205,16 @@ class SimpoAgent:
             setattr(self, name, obj)
         # After prepare: DDP has broadcast rank 0's initial critic, so every rank's target starts equal.
         self.critic_target = copy.deepcopy(unwrap(self.critic)).requires_grad_(False)
+        if self.cfg.weighting_critic_every:
+            self.weighting_critic = copy.deepcopy(self.critic_target)
 
     def shared_state(self) -> list[Any]:
-        return [self.critic_target, self.pi_old, self.temperature, self.temp_opt]
+        frozen = [self.weighting_critic] if self.weighting_critic is not None else []
+        return [self.critic_target, self.pi_old, self.temperature, self.temp_opt, *frozen]
 
     def synced_modules(self) -> list[nn.Module]:
-        return [self.objective, self.critic, self.critic_target, self.pi_old, self.temperature]
+        frozen = [self.weighting_critic] if self.weighting_critic is not None else []
+        return [self.objective, self.critic, self.critic_target, self.pi_old, self.temperature, *frozen]
 
     def rank_state(self) -> dict[str, Any]:
         if self.pending is not None:
@@ -263,7 +278,8 @@ class SimpoAgent:
         if self.cfg.clip_particles:
             particles = clipped
         obs = critic_obs(batch.state, batch.env_state).repeat_interleave(n, dim=0)
-        q1, q2 = self.critic(obs, self.actor.executed(clipped).flatten(1))
+        critic = self.weighting_critic if self.weighting_critic is not None else self.critic
+        q1, q2 = critic(obs, self.actor.executed(clipped).flatten(1))
         q = (0.5 * (q1 + q2)).reshape(b, n)
         scaled = q / q.std(dim=-1, keepdim=True).clamp(min=1e-6) if self.cfg.standardise_q and n > 1 else q
         normalised = solve_weights(scaled, self.temperature.value, self.weighting, self.negative_bound).weights
@@ -298,6 +314,8 @@ class SimpoAgent:
                 continue
             if self.actor_updates % self.cfg.refresh_every == 0:
                 self.pi_old.load_state_dict(self.actor.unet.state_dict())
+            if self.weighting_critic is not None and self.actor_updates % self.cfg.weighting_critic_every == 0:
+                self.weighting_critic.load_state_dict(unwrap(self.critic).state_dict())
             start = time.perf_counter()
             ab = self.actor_batch(self._sample(self.cfg.actor_batch_size, cpu_generator), generator)
             self.particle_seconds += time.perf_counter() - start

@@ -122,6 +122,8 @@ class FinetuneConfig:
             self.out = Path(self.resume)
 
 
+ADDED_OPTIONS = {("simpo", "weighting_critic_every"): 0}
+"""Options added after runs may have been saved, with the value that reproduces those runs (for --resume)."""
 # Fields that may differ between a run and its resumption (everything else must match).
 RESUMABLE_CHANGES = {"env_steps", "resume", "overwrite", "eval_every", "eval_episodes", "final_eval_episodes",
                      "log_every", "checkpoint_every", "device", "torch_threads"}
@@ -242,6 +244,8 @@ def _check_resumable(cfg: FinetuneConfig, out: Path) -> Path:
         raise SimpoRobotError(f"--resume {out}: no checkpoint there ({ckpt} is missing or incomplete); "
                               "start a new run without --resume.")
     saved = json.loads((out / CONFIG_FILE).read_text())
+    for (group, name), value in ADDED_OPTIONS.items():  # runs saved before an option existed
+        saved.get(group, {}).setdefault(name, value)
     current = _config_dict(cfg)
     differ = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
     if differ:
