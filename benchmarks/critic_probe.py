@@ -1,0 +1,151 @@
+"""Can a SiMPO run's critic tell the policy's good chunks from its bad ones? Act by it and see.
+
+    .venv/bin/python benchmarks/critic_probe.py outputs/benchmarks/fetch_push-simpo-linear-s1
+    .venv/bin/python benchmarks/critic_probe.py outputs/critic_probe/* --particles 16 --waves 13
+
+For each fine-tuning run folder (its resumable checkpoint holds the critic), plays the run's task with the
+run's policy three ways, on the same evaluation seeds (1000 + i): one sample per decision (the policy as
+it is), and the best / the worst by the critic (min of the twins) of N samples per decision. A critic
+that SiMPO can learn from makes "best of N" beat one sample; one that only tells apart a few disasters
+makes "worst of N" lose without "best of N" gaining. Writes benchmarks/results/critic_probe.json and the
+BENCHMARKS.md section "critic_probe".
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import machine, today, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def load_run(run: Path):
+    """(config, task spec, loaded policy, agent) of a SiMPO run as its last checkpoint left it: policy, critic,
+    pi_old, temperature, optimisers and rank 0's replay buffer."""
+    from accelerate import Accelerator
+
+    from simpo_robot.errors import SimpoRobotError
+    from simpo_robot.policy_io import load_policy
+    from simpo_robot.rl.actor import make_actor
+    from simpo_robot.rl.simpo import SimpoAgent, SimpoConfig
+    from simpo_robot.tasks import load_task
+
+    config = json.loads((run / "finetune_config.json").read_text())
+    if config["algo"] != "simpo":
+        raise SimpoRobotError(f"{run} is a {config['algo']} run; the probe needs a SiMPO run's critic")
+    accelerator = Accelerator(cpu=True)
+    loaded = load_policy(config["policy"], device="cpu")
+    actor = make_actor(loaded.policy)
+    obs_dim = actor.n_obs_steps * sum(f.shape[0] for f in loaded.config.input_features.values())
+    agent = SimpoAgent(SimpoConfig(**config["simpo"]), config["weighting"], config["negative_bound"], actor, obs_dim,
+                       torch.device("cpu"))
+    modules = agent.modules_to_prepare()
+    agent.set_prepared(dict(zip(modules, accelerator.prepare(*modules.values()), strict=True)),
+                       accelerator.unwrap_model)
+    for obj in agent.shared_state():
+        accelerator.register_for_checkpointing(obj)
+    accelerator.load_state(str(run / "checkpoints" / "last"))
+    agent.load_rank_state(torch.load(run / "checkpoints" / "last" / "trainer_rank0.pt", weights_only=False)["agent"])
+    return config, load_task(config["task"]), loaded, agent
+
+
+def play(run: Path, particles: int, pick: str, waves: int, num_envs: int) -> float:
+    """Success rate (%) over waves x num_envs episodes of a run acting with `pick` over `particles` samples."""
+    _, spec, loaded, agent = load_run(run)
+    return play_agent(spec, loaded, agent, particles if pick != "one sample" else 1, pick, waves, num_envs)
+
+
+def play_agent(spec, loaded, agent, n: int, pick: str, waves: int, num_envs: int) -> float:
+    """Success rate (%) on evaluation seeds 1000+i: n samples per decision, the one kept by `pick` ("best" or
+    "worst" by agent's critic, min of the twins; anything with n = 1 plays the policy as it is)."""
+    from simpo_robot.rl.simpo import critic_obs
+    from simpo_robot.rl.trainer import Rollout
+
+    actor = agent.actor
+    rollout = Rollout(spec, actor, loaded.preprocessor, loaded.postprocessor, num_envs, seed=1000, gamma=0.99,
+                      device=torch.device("cpu"))
+
+    class Picker:
+        """Samples n chunks per env and keeps one by the critic (the rollout's current observation history)."""
+
+        def act(self, cond, generator):
+            e = cond.shape[0]
+            chunks = actor.sample(actor.unet, cond.repeat_interleave(n, 0), generator=generator)  # (E*n, H, Da)
+            if n == 1:
+                return chunks, {}
+            obs = critic_obs(rollout.history.state, rollout.history.env_state).repeat_interleave(n, 0)
+            q = torch.minimum(*agent.critic(obs, actor.executed(chunks).flatten(1))).reshape(e, n)
+            keep = q.argmax(1) if pick == "best" else q.argmin(1)
+            return chunks.reshape(e, n, *chunks.shape[1:])[torch.arange(e), keep], {}
+
+    was_training = actor.unet.training
+    actor.unet.eval()
+    generator = torch.Generator().manual_seed(0)
+    success: list[float] = []
+    with torch.no_grad():
+        for _ in range(waves):
+            rollout.step_chunk(Picker(), generator)
+            while not rollout.between_episodes:
+                rollout.step_chunk(Picker(), generator)
+            success += list(rollout.recent_success)[-num_envs:]
+    rollout.close()
+    actor.unet.train(was_training)
+    return 100 * float(np.mean(success))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="fine-tuning run folders (SiMPO, with checkpoints/last)")
+    parser.add_argument("--particles", type=int, default=16)
+    parser.add_argument("--waves", type=int, default=13, help="rounds of --num-envs episodes per variant")
+    parser.add_argument("--num-envs", type=int, default=16)
+    args = parser.parse_args()
+    for run in args.runs:
+        if not (run / "finetune_config.json").is_file() or not (run / "checkpoints" / "last").is_dir():
+            parser.error(f"{run} is not a finished fine-tuning run (finetune_config.json and checkpoints/last are "
+                         "needed); pass the --out folder of a `simpo-robot finetune --algo simpo` run")
+    torch.set_num_threads(1)
+
+    path = RESULTS / "critic_probe.json"
+    results = {r["run"]: r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
+    for run in args.runs:
+        config = json.loads((run / "finetune_config.json").read_text())
+        row = {"run": str(run.resolve().relative_to(ROOT)) if run.resolve().is_relative_to(ROOT) else str(run),
+               "task": config["task"], "gamma": config["gamma"], "shaped_reward": config["shaped_reward"],
+               "env_steps": json.loads((run / "summary.json").read_text())["env_steps"],
+               "actor_updates": json.loads((run / "summary.json").read_text()).get("actor_updates"),
+               "particles": args.particles, "episodes": args.waves * args.num_envs}
+        for pick in ("one sample", "best", "worst"):
+            start = time.perf_counter()
+            row[pick] = play(run, args.particles, pick, args.waves, args.num_envs)
+            print(f"{row['run']}: {pick}: {row[pick]:.1f}% ({time.perf_counter() - start:.0f} s)", flush=True)
+        results[row["run"]] = row
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"runs": list(results.values())}, indent=2))
+
+    rows = ["| run | reward | gamma | env steps | actor updates | one sample (%) | best of N by Q (%) | worst of N by Q (%) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        rows.append(f"| `{r['run']}` | {'dense' if r['shaped_reward'] else 'sparse'} | {r['gamma']} | {r['env_steps']} | "
+                    f"{r['actor_updates']} | {r['one sample']:.1f} | {r['best']:.1f} | {r['worst']:.1f} |")
+    table = "\n".join(rows)
+    print(table)
+    body = (f"## Does the critic rank the policy's chunks? (`benchmarks/critic_probe.py`)\n\n"
+            f"Command (the last invocation; the table keeps every run probed): `.venv/bin/python "
+            f"{' '.join(sys.argv)}`\nMachine: {machine()}\nDate: {today()}\n\n"
+            f"Each run's policy plays its task on evaluation seeds 1000+i ({args.waves * args.num_envs} episodes "
+            f"per column) taking one sample per decision, or the best / worst of N={args.particles} samples by "
+            "the run's critic (min of the twins).\n\n" + table + "\n")
+    write_section("critic_probe", body)
+
+
+if __name__ == "__main__":
+    main()
