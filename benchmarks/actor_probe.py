@@ -39,21 +39,17 @@ def probe(critic_run: Path, target_kl: float, updates: int, eval_at: list[int], 
     generator, cpu_generator = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     curve = [(0, play_agent(spec, loaded, agent, 1, "one sample", waves, 16))]
     print(f"KL {target_kl}: 0 updates: {curve[-1][1]:.1f}%", flush=True)
+
+    def step(loss, optimizer, module) -> bool:  # the trainer's step on one process
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        return True
+
     start = time.perf_counter()
     for update in range(1, updates + 1):
-        if (update - 1) % agent.cfg.refresh_every == 0:
-            agent.pi_old.load_state_dict(agent.actor.unet.state_dict())
-        batch = agent.actor_batch(agent._sample(agent.cfg.actor_batch_size, cpu_generator), generator)
-        anchor = agent.pi_old if agent.cfg.self_fit == "pi_old" else None
-        loss = agent.objective(batch.particles, batch.global_cond, batch.weights, generator, anchor)
-        agent.actor_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(agent.objective.parameters(), 1.0)
-        agent.actor_opt.step()
-        temperature_loss = agent.temperature.loss(batch.normalised)
-        agent.temp_opt.zero_grad(set_to_none=True)
-        temperature_loss.backward()
-        agent.temp_opt.step()
+        agent.actor_update(step, lambda x: x, generator, cpu_generator, lambda m: m)
         if update in eval_at:
             curve.append((update, play_agent(spec, loaded, agent, 1, "one sample", waves, 16)))
             print(f"KL {target_kl}: {update} updates: {curve[-1][1]:.1f}% (temperature "

@@ -57,12 +57,6 @@ def load_run(run: Path):
     return config, load_task(config["task"]), loaded, agent
 
 
-def play(run: Path, particles: int, pick: str, waves: int, num_envs: int) -> float:
-    """Success rate (%) over waves x num_envs episodes of a run acting with `pick` over `particles` samples."""
-    _, spec, loaded, agent = load_run(run)
-    return play_agent(spec, loaded, agent, particles if pick != "one sample" else 1, pick, waves, num_envs)
-
-
 def play_agent(spec, loaded, agent, n: int, pick: str, waves: int, num_envs: int) -> float:
     """Success rate (%) on evaluation seeds 1000+i: n samples per decision, the one kept by `pick` ("best" or
     "worst" by agent's critic, min of the twins; anything with n = 1 plays the policy as it is)."""
@@ -123,9 +117,11 @@ def main() -> None:
                "env_steps": json.loads((run / "summary.json").read_text())["env_steps"],
                "actor_updates": json.loads((run / "summary.json").read_text()).get("actor_updates"),
                "particles": args.particles, "episodes": args.waves * args.num_envs}
+        _, spec, loaded, agent = load_run(run)
         for pick in ("one sample", "best", "worst"):
             start = time.perf_counter()
-            row[pick] = play(run, args.particles, pick, args.waves, args.num_envs)
+            n = 1 if pick == "one sample" else args.particles
+            row[pick] = play_agent(spec, loaded, agent, n, pick, args.waves, args.num_envs)
             print(f"{row['run']}: {pick}: {row[pick]:.1f}% ({time.perf_counter() - start:.0f} s)", flush=True)
         results[row["run"]] = row
         RESULTS.mkdir(parents=True, exist_ok=True)

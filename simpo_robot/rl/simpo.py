@@ -312,31 +312,37 @@ class SimpoAgent:
             metrics["losses/critic"] = loss.item()
             if self.critic_updates % self.cfg.actor_every or env_steps < self.cfg.actor_starts:
                 continue
-            if self.actor_updates % self.cfg.refresh_every == 0:
-                self.pi_old.load_state_dict(self.actor.unet.state_dict())
-            if self.weighting_critic is not None and self.actor_updates % self.cfg.weighting_critic_every == 0:
-                self.weighting_critic.load_state_dict(unwrap(self.critic).state_dict())
-            start = time.perf_counter()
-            ab = self.actor_batch(self._sample(self.cfg.actor_batch_size, cpu_generator), generator)
-            self.particle_seconds += time.perf_counter() - start
-            anchor = self.pi_old if self.cfg.self_fit == "pi_old" else None
-            actor_loss = self.objective(ab.particles, ab.global_cond, ab.weights, generator, anchor)
-            step(actor_loss, self.actor_opt, self.objective)
-            temp_loss = self.temperature.loss(gather(ab.normalised))  # the same lambda on every rank
-            self.temp_opt.zero_grad(set_to_none=True)
-            temp_loss.backward()
-            self.temp_opt.step()
-            self.actor_updates += 1
-            metrics |= {
-                "losses/actor": actor_loss.item(), "losses/temperature": temp_loss.item(),
-                "charts/temperature": self.temperature.value,
-                "simpo/weight_kl": weight_kl_from_uniform(ab.normalised).mean().item(),
-                "simpo/negative_mass": ab.normalised.clamp(max=0).abs().sum(-1).mean().item(),
-                "simpo/max_weight": ab.weights.max().item(),
-                "simpo/q_std": ab.q.std(dim=-1).mean().item(),
-                "charts/particle_s": self.particle_seconds,
-            }
+            metrics |= self.actor_update(step, gather, generator, cpu_generator, unwrap)
         return metrics
+
+    def actor_update(self, step: Stepper, gather, generator: torch.Generator, cpu_generator: torch.Generator,
+                     unwrap) -> dict[str, float]:
+        """One actor update on a replay batch (refreshing pi_old and the weighting critic when due) and one
+        temperature update; returns its metrics."""
+        if self.actor_updates % self.cfg.refresh_every == 0:
+            self.pi_old.load_state_dict(self.actor.unet.state_dict())
+        if self.weighting_critic is not None and self.actor_updates % self.cfg.weighting_critic_every == 0:
+            self.weighting_critic.load_state_dict(unwrap(self.critic).state_dict())
+        start = time.perf_counter()
+        ab = self.actor_batch(self._sample(self.cfg.actor_batch_size, cpu_generator), generator)
+        self.particle_seconds += time.perf_counter() - start
+        anchor = self.pi_old if self.cfg.self_fit == "pi_old" else None
+        actor_loss = self.objective(ab.particles, ab.global_cond, ab.weights, generator, anchor)
+        step(actor_loss, self.actor_opt, self.objective)
+        temp_loss = self.temperature.loss(gather(ab.normalised))  # the same lambda on every rank
+        self.temp_opt.zero_grad(set_to_none=True)
+        temp_loss.backward()
+        self.temp_opt.step()
+        self.actor_updates += 1
+        return {
+            "losses/actor": actor_loss.item(), "losses/temperature": temp_loss.item(),
+            "charts/temperature": self.temperature.value,
+            "simpo/weight_kl": weight_kl_from_uniform(ab.normalised).mean().item(),
+            "simpo/negative_mass": ab.normalised.clamp(max=0).abs().sum(-1).mean().item(),
+            "simpo/max_weight": ab.weights.max().item(),
+            "simpo/q_std": ab.q.std(dim=-1).mean().item(),
+            "charts/particle_s": self.particle_seconds,
+        }
 
     def _sample(self, batch_size: int, cpu_generator: torch.Generator) -> SimpoTransition:
         return SimpoTransition(*(x.to(self.device) for x in self.buffer.sample(batch_size, cpu_generator)))
