@@ -82,13 +82,13 @@ def play_agent(spec, loaded, agent, n: int, pick: str, waves: int, num_envs: int
 
     was_training = actor.unet.training
     actor.unet.eval()
-    generator = torch.Generator().manual_seed(0)
+    generator, picker = torch.Generator().manual_seed(0), Picker()
     success: list[float] = []
     with torch.no_grad():
         for _ in range(waves):
-            rollout.step_chunk(Picker(), generator)
+            rollout.step_chunk(picker, generator)
             while not rollout.between_episodes:
-                rollout.step_chunk(Picker(), generator)
+                rollout.step_chunk(picker, generator)
             success += list(rollout.recent_success)[-num_envs:]
     rollout.close()
     actor.unet.train(was_training)
@@ -111,13 +111,12 @@ def main() -> None:
     path = RESULTS / "critic_probe.json"
     results = {r["run"]: r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
     for run in args.runs:
-        config = json.loads((run / "finetune_config.json").read_text())
+        config, spec, loaded, agent = load_run(run)
+        summary = json.loads((run / "summary.json").read_text())
         row = {"run": str(run.resolve().relative_to(ROOT)) if run.resolve().is_relative_to(ROOT) else str(run),
                "task": config["task"], "gamma": config["gamma"], "shaped_reward": config["shaped_reward"],
-               "env_steps": json.loads((run / "summary.json").read_text())["env_steps"],
-               "actor_updates": json.loads((run / "summary.json").read_text()).get("actor_updates"),
+               "env_steps": summary["env_steps"], "actor_updates": summary.get("actor_updates"),
                "particles": args.particles, "episodes": args.waves * args.num_envs}
-        _, spec, loaded, agent = load_run(run)
         for pick in ("one sample", "best", "worst"):
             start = time.perf_counter()
             n = 1 if pick == "one sample" else args.particles
