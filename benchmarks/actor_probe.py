@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from simpo_robot.rl.trainer import load_run
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from critic_probe import load_run, play_agent  # noqa: E402
+from critic_probe import play_agent  # noqa: E402
 from report import machine, today, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +36,8 @@ CRITIC_RUN = ["finetune", "--policy", "pretrained/fetch_push", "--task", "fetch_
 
 def probe(critic_run: Path, target_kl: float, updates: int, eval_at: list[int], waves: int) -> list[tuple[int, float]]:
     """[(actor updates, success %)] for SiMPO actor updates against the run's frozen critic."""
-    _, spec, loaded, agent = load_run(critic_run)
+    saved = load_run(critic_run)
+    spec, loaded, agent = saved.spec, saved.loaded, saved.agent
     agent.temperature.target_kl = target_kl
     generator, cpu_generator = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     curve = [(0, play_agent(spec, loaded, agent, 1, "one sample", waves, 16))]

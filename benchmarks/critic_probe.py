@@ -20,41 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simpo_robot.rl.trainer import load_run
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, today, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def load_run(run: Path):
-    """(config, task spec, loaded policy, agent) of a SiMPO run as its last checkpoint left it: policy, critic,
-    pi_old, temperature, optimisers and rank 0's replay buffer."""
-    from accelerate import Accelerator
-
-    from simpo_robot.errors import SimpoRobotError
-    from simpo_robot.policy_io import load_policy
-    from simpo_robot.rl.actor import make_actor
-    from simpo_robot.rl.simpo import SimpoAgent, SimpoConfig
-    from simpo_robot.tasks import load_task
-
-    config = json.loads((run / "finetune_config.json").read_text())
-    if config["algo"] != "simpo":
-        raise SimpoRobotError(f"{run} is a {config['algo']} run; the probe needs a SiMPO run's critic")
-    accelerator = Accelerator(cpu=True)
-    loaded = load_policy(config["policy"], device="cpu")
-    actor = make_actor(loaded.policy)
-    obs_dim = actor.n_obs_steps * sum(f.shape[0] for f in loaded.config.input_features.values())
-    agent = SimpoAgent(SimpoConfig(**config["simpo"]), config["weighting"], config["negative_bound"], actor, obs_dim,
-                       torch.device("cpu"))
-    modules = agent.modules_to_prepare()
-    agent.set_prepared(dict(zip(modules, accelerator.prepare(*modules.values()), strict=True)),
-                       accelerator.unwrap_model)
-    for obj in agent.shared_state():
-        accelerator.register_for_checkpointing(obj)
-    accelerator.load_state(str(run / "checkpoints" / "last"))
-    agent.load_rank_state(torch.load(run / "checkpoints" / "last" / "trainer_rank0.pt", weights_only=False)["agent"])
-    return config, load_task(config["task"]), loaded, agent
 
 
 def play_agent(spec, loaded, agent, n: int, pick: str, waves: int, num_envs: int) -> float:
@@ -103,19 +75,21 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=16)
     args = parser.parse_args()
     for run in args.runs:
-        if not (run / "finetune_config.json").is_file() or not (run / "checkpoints" / "last").is_dir():
-            parser.error(f"{run} is not a finished fine-tuning run (finetune_config.json and checkpoints/last are "
-                         "needed); pass the --out folder of a `simpo-robot finetune --algo simpo` run")
+        if not (run / "summary.json").is_file():
+            parser.error(f"{run} is not a finished fine-tuning run (no summary.json); pass the --out folder of a "
+                         "`simpo-robot finetune --algo simpo` run")
     torch.set_num_threads(1)
 
     path = RESULTS / "critic_probe.json"
     results = {r["run"]: r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
     for run in args.runs:
-        config, spec, loaded, agent = load_run(run)
-        summary = json.loads((run / "summary.json").read_text())
+        saved = load_run(run)
+        if saved.cfg.algo != "simpo":
+            parser.error(f"{run} is a {saved.cfg.algo} run; the probe needs a SiMPO run's critic")
+        spec, loaded, agent = saved.spec, saved.loaded, saved.agent
         row = {"run": str(run.resolve().relative_to(ROOT)) if run.resolve().is_relative_to(ROOT) else str(run),
-               "task": config["task"], "gamma": config["gamma"], "shaped_reward": config["shaped_reward"],
-               "env_steps": summary["env_steps"], "actor_updates": summary.get("actor_updates"),
+               "task": saved.cfg.task, "gamma": saved.cfg.gamma, "shaped_reward": saved.cfg.shaped_reward,
+               "env_steps": saved.summary["env_steps"], "actor_updates": saved.summary.get("actor_updates"),
                "particles": args.particles, "episodes": args.waves * args.num_envs}
         for pick in ("one sample", "best", "worst"):
             start = time.perf_counter()

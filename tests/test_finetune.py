@@ -155,6 +155,18 @@ def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tiny_push, tmp
     # the checkpoint folder holds exactly one complete state (no half-written leftovers)
     assert sorted(p.name for p in (tmp_path / "interrupted" / "checkpoints").iterdir()) == ["last"]
 
+    # load_run gives the agent as the last checkpoint left it (the probes' way in)
+    from simpo_robot.errors import SimpoRobotError
+    from simpo_robot.rl.trainer import load_run
+
+    saved = load_run(tmp_path / "straight")
+    assert saved.cfg.env_steps == 200 and saved.summary["actor_updates"] == saved.agent.actor_updates > 0
+    weights = saved.loaded.policy.state_dict()
+    for key in straight:
+        assert torch.equal(straight[key], weights[key]), key
+    with pytest.raises(SimpoRobotError, match="no checkpoint"):
+        load_run(tmp_path / "nothing")
+
 
 def test_resume_refuses_a_different_command_and_a_missing_checkpoint(tiny_push, tmp_path, capsys):
     _run(tiny_push, tmp_path / "run", 100)
@@ -167,7 +179,7 @@ def test_resume_refuses_a_different_command_and_a_missing_checkpoint(tiny_push, 
     # a run saved before an option existed resumes with the option's old behaviour, and only with it
     config_file = tmp_path / "run" / "finetune_config.json"
     config = json.loads(config_file.read_text())
-    del config["simpo"]["weighting_critic_every"]
+    del config["simpo"]["weighting_critic_every"], config["simpo"]["actor_burst"]
     config_file.write_text(json.dumps(config))
     _run(tiny_push, tmp_path / "run", 150, "--resume", str(tmp_path / "run"))
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["env_steps"] >= 150
@@ -371,3 +383,31 @@ def test_weighting_critic_is_a_frozen_copy_refreshed_every_n_actor_updates(tiny_
     assert SimpoConfig(weighting_critic_every=0).weighting_critic_every == 0
     with pytest.raises(ValueError, match="weighting_critic_every"):
         SimpoConfig(weighting_critic_every=-1)
+
+
+def test_actor_burst_runs_n_actor_updates_in_a_row_at_the_same_ratio(tiny_push):
+    from simpo_robot.rl.simpo import SimpoConfig
+
+    agent, actor = _simpo_agent(tiny_push, actor_burst=3, critic_updates=1, actor_every=2, actor_starts=0,
+                                batch_size=4, actor_batch_size=2)
+    agent.set_prepared({}, lambda m: m)
+    g = torch.Generator().manual_seed(0)
+    agent.observe(_chunk_batch(actor, 3, [True, True, True], [True, True, True], 0.0), g)
+
+    def step(loss, optimizer, module):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return True
+
+    counts = []
+    for _ in range(12):  # one critic update per call; three actor updates after every 2 * 3 of them
+        critic_before = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+        metrics = agent.update(step, lambda x: x, g, torch.Generator().manual_seed(1), lambda m: m, env_steps=10)
+        counts.append(agent.actor_updates)
+        assert ("losses/actor" in metrics) == (agent.critic_updates % 6 == 0)
+        assert not all(torch.equal(critic_before[k], v) for k, v in agent.critic.state_dict().items())
+    assert counts == [0, 0, 0, 0, 0, 3, 3, 3, 3, 3, 3, 6]
+    assert agent.critic_updates == 12  # the same ratio as one actor update every 2 critic updates
+    with pytest.raises(ValueError, match="actor_burst"):
+        SimpoConfig(actor_burst=0)

@@ -112,6 +112,11 @@ class SimpoConfig:
     """Critic updates per collected chunk (across all envs of a process)."""
     actor_every: int = 8
     """Critic updates per actor update (an actor update costs about 100 critic updates on a CPU)."""
+    actor_burst: int = 1
+    """Actor updates in a row each time it is the actor's turn. 1: one after every `actor_every` critic updates
+    (interleaved). N > 1: N in a row after every `actor_every * N` critic updates (same ratio), against the
+    critic as it stands; in between, the policy holds still while the critic fits its new data (policy
+    iteration, in phases)."""
     batch_size: int = 256
     """Critic batch (transitions)."""
     actor_batch_size: int = 32
@@ -124,7 +129,7 @@ class SimpoConfig:
 
     def __post_init__(self):
         for name in ("particles", "particle_steps", "refresh_every", "buffer_size", "critic_updates",
-                     "actor_every", "batch_size", "actor_batch_size"):
+                     "actor_every", "actor_burst", "batch_size", "actor_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"simpo.{name} must be >= 1, got {getattr(self, name)}")
         if self.weighting_critic_every < 0:
@@ -310,9 +315,10 @@ class SimpoAgent:
                 ema_update(self.critic_target, unwrap(self.critic), self.cfg.tau)
             self.critic_updates += 1
             metrics["losses/critic"] = loss.item()
-            if self.critic_updates % self.cfg.actor_every or env_steps < self.cfg.actor_starts:
+            if self.critic_updates % (self.cfg.actor_every * self.cfg.actor_burst) or env_steps < self.cfg.actor_starts:
                 continue
-            metrics |= self.actor_update(step, gather, generator, cpu_generator, unwrap)
+            for _ in range(self.cfg.actor_burst):
+                metrics |= self.actor_update(step, gather, generator, cpu_generator, unwrap)
         return metrics
 
     def actor_update(self, step: Stepper, gather, generator: torch.Generator, cpu_generator: torch.Generator,

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -122,7 +122,7 @@ class FinetuneConfig:
             self.out = Path(self.resume)
 
 
-ADDED_OPTIONS = {("simpo", "weighting_critic_every"): 0}
+ADDED_OPTIONS = {("simpo", "weighting_critic_every"): 0, ("simpo", "actor_burst"): 1}
 """Options added after runs may have been saved, with the value that reproduces those runs (for --resume)."""
 # Fields that may differ between a run and its resumption (everything else must match).
 RESUMABLE_CHANGES = {"env_steps", "resume", "overwrite", "eval_every", "eval_episodes", "final_eval_episodes",
@@ -237,15 +237,26 @@ def _config_dict(cfg: FinetuneConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
 
-def _check_resumable(cfg: FinetuneConfig, out: Path) -> Path:
-    """The checkpoint to resume from; the saved config must match the command line (but RESUMABLE_CHANGES)."""
+def _last_checkpoint(out: Path, what: str) -> Path:
     ckpt = out / "checkpoints" / "last"
     if not (ckpt / "trainer_rank0.pt").is_file() or not (out / CONFIG_FILE).is_file():
-        raise SimpoRobotError(f"--resume {out}: no checkpoint there ({ckpt} is missing or incomplete); "
-                              "start a new run without --resume.")
+        raise SimpoRobotError(f"{what} {out}: no checkpoint there ({ckpt} or {out / CONFIG_FILE} is missing or "
+                              "incomplete); pass the --out folder of a `simpo-robot finetune` run.")
+    return ckpt
+
+
+def _saved_config(out: Path) -> dict[str, Any]:
+    """The run's saved config, with options added since it was saved set to what reproduces it."""
     saved = json.loads((out / CONFIG_FILE).read_text())
-    for (group, name), value in ADDED_OPTIONS.items():  # runs saved before an option existed
+    for (group, name), value in ADDED_OPTIONS.items():
         saved.get(group, {}).setdefault(name, value)
+    return saved
+
+
+def _check_resumable(cfg: FinetuneConfig, out: Path) -> Path:
+    """The checkpoint to resume from; the saved config must match the command line (but RESUMABLE_CHANGES)."""
+    ckpt = _last_checkpoint(out, "--resume")
+    saved = _saved_config(out)
     current = _config_dict(cfg)
     differ = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
     if differ:
@@ -300,6 +311,55 @@ def _grad_ok(accelerator, params, max_norm: float) -> bool:
     return bool(torch.isfinite(torch.as_tensor(norm)).all())
 
 
+def build_agent(cfg: FinetuneConfig, actor: DiffusionActor | FlowActor, policy_config, accelerator,
+                device: torch.device) -> Agent:
+    """The run's agent on `actor`, its modules prepared by `accelerator` and its shared state registered for
+    checkpointing (so that `accelerator.load_state` restores it)."""
+    obs_dim = actor.n_obs_steps * sum(f.shape[0] for f in policy_config.input_features.values())
+    if cfg.algo == "simpo":
+        agent = SimpoAgent(cfg.simpo, cfg.weighting, cfg.negative_bound, actor, obs_dim, device)
+    else:
+        agent = DppoAgent(cfg.dppo, cfg.gamma, actor, obs_dim, device)
+    to_prepare = agent.modules_to_prepare()
+    prepared = accelerator.prepare(*to_prepare.values())
+    agent.set_prepared(dict(zip(to_prepare, prepared, strict=True)), accelerator.unwrap_model)
+    # Identical on every rank (updated from synced modules / gathered data): saved once with the state.
+    for obj in agent.shared_state():
+        accelerator.register_for_checkpointing(obj)
+    return agent
+
+
+class SavedRun(NamedTuple):
+    cfg: FinetuneConfig
+    spec: TaskSpec
+    loaded: Any
+    """LoadedPolicy: the run's starting policy, its weights replaced by the checkpoint's"""
+    agent: Agent
+    summary: dict[str, Any]
+    """summary.json of the run, or {} if it has none yet"""
+
+
+def load_run(out: Path) -> SavedRun:
+    """A fine-tuning run as its last resumable checkpoint left it, on one CPU process: policy, critic(s),
+    pi_old, temperature, optimisers and rank 0's replay buffer (for probes and analysis, not for resuming)."""
+    from accelerate import Accelerator
+
+    from simpo_robot.policy_io import load_policy
+
+    out = Path(out)
+    ckpt = _last_checkpoint(out, "load_run")
+    saved = _saved_config(out)
+    cfg = FinetuneConfig(**{**saved, "out": out, "resume": None, "simpo": SimpoConfig(**saved["simpo"]),
+                            "dppo": DppoConfig(**saved["dppo"])})
+    loaded = load_policy(cfg.policy, device="cpu")
+    accelerator = Accelerator(cpu=True)
+    agent = build_agent(cfg, make_actor(loaded.policy), loaded.config, accelerator, torch.device("cpu"))
+    accelerator.load_state(str(ckpt))
+    agent.load_rank_state(torch.load(ckpt / "trainer_rank0.pt", weights_only=False)["agent"])
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    return SavedRun(cfg, load_task(cfg.task), loaded, agent, summary)
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -331,17 +391,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise SimpoRobotError(f"{cfg.policy} is a {loaded.config.type!r} policy; --algo {cfg.algo} needs {needs}.")
     policy, pre, post = loaded.policy, loaded.preprocessor, loaded.postprocessor
     actor = make_actor(policy)
-    obs_dim = actor.n_obs_steps * sum(f.shape[0] for f in loaded.config.input_features.values())
-    if cfg.algo == "simpo":
-        agent = SimpoAgent(cfg.simpo, cfg.weighting, cfg.negative_bound, actor, obs_dim, device)
-    else:
-        agent = DppoAgent(cfg.dppo, cfg.gamma, actor, obs_dim, device)
-    to_prepare = agent.modules_to_prepare()
-    prepared = accelerator.prepare(*to_prepare.values())
-    agent.set_prepared(dict(zip(to_prepare, prepared, strict=True)), accelerator.unwrap_model)
-    # Identical on every rank (updated from synced modules / gathered data): saved once with the state.
-    for obj in agent.shared_state():
-        accelerator.register_for_checkpointing(obj)
+    agent = build_agent(cfg, actor, loaded.config, accelerator, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     cpu_generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     rollout = Rollout(spec.training() if cfg.shaped_reward else spec, actor, pre, post, cfg.num_envs, seed=cfg.seed * 1_000_000 + rank * 100_000,
