@@ -346,20 +346,27 @@ def test_actor_updates_follow_the_critic(tiny_push, self_fit, weighting, bound):
     assert up > down + 0.02, (up, down)
 
 
-def test_weighting_critic_is_a_frozen_copy_refreshed_every_n_actor_updates(tiny_push):
-    from simpo_robot.rl.simpo import SimpoConfig
-
-    agent, actor = _simpo_agent(tiny_push, weighting_critic_every=2, critic_updates=1, actor_every=1, actor_starts=0,
-                                batch_size=4, actor_batch_size=2)
+def _agent_with_data(tiny_push, **overrides):
+    """A prepared single-process SiMPO agent (one critic update per update() call) with 3 stored transitions."""
+    agent, actor = _simpo_agent(tiny_push, critic_updates=1, actor_starts=0, batch_size=4, actor_batch_size=2,
+                                **overrides)
     agent.set_prepared({}, lambda m: m)
     g = torch.Generator().manual_seed(0)
     agent.observe(_chunk_batch(actor, 3, [True, True, True], [True, True, True], 0.0), g)
+    return agent, g
 
-    def step(loss, optimizer, module):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return True
+
+def _plain_step(loss, optimizer, module) -> bool:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return True
+
+
+def test_weighting_critic_is_a_frozen_copy_refreshed_every_n_actor_updates(tiny_push):
+    from simpo_robot.rl.simpo import SimpoConfig
+
+    agent, g = _agent_with_data(tiny_push, weighting_critic_every=2, actor_every=1)
 
     def same() -> bool:
         online, frozen = agent.critic.state_dict(), agent.weighting_critic.state_dict()
@@ -367,7 +374,7 @@ def test_weighting_critic_is_a_frozen_copy_refreshed_every_n_actor_updates(tiny_
 
     copies = []
     for _ in range(4):  # each call: one critic update, then one actor update (copying first at 0 and 2)
-        agent.update(step, lambda x: x, g, torch.Generator().manual_seed(1), lambda m: m, env_steps=10)
+        agent.update(_plain_step, lambda x: x, g, torch.Generator().manual_seed(1), lambda m: m, env_steps=10)
         copies.append(same())
     assert copies == [True, False, True, False]
     assert agent.weighting_critic in agent.shared_state() and not any(
@@ -388,22 +395,12 @@ def test_weighting_critic_is_a_frozen_copy_refreshed_every_n_actor_updates(tiny_
 def test_actor_burst_runs_n_actor_updates_in_a_row_at_the_same_ratio(tiny_push):
     from simpo_robot.rl.simpo import SimpoConfig
 
-    agent, actor = _simpo_agent(tiny_push, actor_burst=3, critic_updates=1, actor_every=2, actor_starts=0,
-                                batch_size=4, actor_batch_size=2)
-    agent.set_prepared({}, lambda m: m)
-    g = torch.Generator().manual_seed(0)
-    agent.observe(_chunk_batch(actor, 3, [True, True, True], [True, True, True], 0.0), g)
-
-    def step(loss, optimizer, module):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return True
+    agent, g = _agent_with_data(tiny_push, actor_burst=3, actor_every=2)
 
     counts = []
     for _ in range(12):  # one critic update per call; three actor updates after every 2 * 3 of them
         critic_before = {k: v.clone() for k, v in agent.critic.state_dict().items()}
-        metrics = agent.update(step, lambda x: x, g, torch.Generator().manual_seed(1), lambda m: m, env_steps=10)
+        metrics = agent.update(_plain_step, lambda x: x, g, torch.Generator().manual_seed(1), lambda m: m, env_steps=10)
         counts.append(agent.actor_updates)
         assert ("losses/actor" in metrics) == (agent.critic_updates % 6 == 0)
         assert not all(torch.equal(critic_before[k], v) for k, v in agent.critic.state_dict().items())

@@ -347,6 +347,7 @@ class SimpoAgent:
             "simpo/negative_mass": ab.normalised.clamp(max=0).abs().sum(-1).mean().item(),
             "simpo/max_weight": ab.weights.max().item(),
             "simpo/q_std": ab.q.std(dim=-1).mean().item(),
+            "simpo/particle_std": ab.particles.reshape(*ab.q.shape, -1).std(dim=1).mean().item(),
             "charts/particle_s": self.particle_seconds,
         }
 
