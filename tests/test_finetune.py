@@ -408,3 +408,18 @@ def test_actor_burst_runs_n_actor_updates_in_a_row_at_the_same_ratio(tiny_push):
     assert agent.critic_updates == 12  # the same ratio as one actor update every 2 critic updates
     with pytest.raises(ValueError, match="actor_burst"):
         SimpoConfig(actor_burst=0)
+
+
+def test_critic_reset_restarts_the_critic_after_each_burst(tiny_push):
+    agent, g = _agent_with_data(tiny_push, actor_burst=2, actor_every=2, critic_reset=True)
+    init = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+
+    def at_init(module) -> bool:
+        return all(torch.equal(init[k], v) for k, v in module.state_dict().items())
+
+    resets = []
+    for _ in range(8):  # a burst (then the reset) after every 4th critic update
+        agent.update(_plain_step, lambda x: x, g, torch.Generator().manual_seed(1), lambda m: m, env_steps=10)
+        resets.append(at_init(agent.critic) and at_init(agent.critic_target) and not agent.critic_opt.state)
+    assert resets == [False, False, False, True, False, False, False, True]
+    assert agent.actor_updates == 4

@@ -117,6 +117,10 @@ class SimpoConfig:
     (interleaved). N > 1: N in a row after every `actor_every * N` critic updates (same ratio), against the
     critic as it stands; in between, the policy holds still while the critic fits its new data (policy
     iteration, in phases)."""
+    critic_reset: bool = False
+    """Restart the critic (weights, targets, optimiser state) from its initial weights after each actor burst, so
+    that each phase's critic is fitted to the current policy's data alone, as the frozen critic of
+    benchmarks/actor_probe.py was (a critic trained on across phases can lose the plasticity to re-rank)."""
     batch_size: int = 256
     """Critic batch (transitions)."""
     actor_batch_size: int = 32
@@ -210,6 +214,8 @@ class SimpoAgent:
             setattr(self, name, obj)
         # After prepare: DDP has broadcast rank 0's initial critic, so every rank's target starts equal.
         self.critic_target = copy.deepcopy(unwrap(self.critic)).requires_grad_(False)
+        self.critic_init = copy.deepcopy(self.critic_target.state_dict())
+        """The critic's initial weights (the same on every rank), for critic_reset."""
         if self.cfg.weighting_critic_every:
             self.weighting_critic = copy.deepcopy(self.critic_target)
 
@@ -319,7 +325,15 @@ class SimpoAgent:
                 continue
             for _ in range(self.cfg.actor_burst):
                 metrics |= self.actor_update(step, gather, generator, cpu_generator, unwrap)
+            if self.cfg.critic_reset:
+                self.reset_critic(unwrap)
         return metrics
+
+    def reset_critic(self, unwrap) -> None:
+        """The critic and its targets back to their initial weights, its optimiser's moments cleared."""
+        unwrap(self.critic).load_state_dict(self.critic_init)
+        self.critic_target.load_state_dict(self.critic_init)
+        self.critic_opt.state.clear()
 
     def actor_update(self, step: Stepper, gather, generator: torch.Generator, cpu_generator: torch.Generator,
                      unwrap) -> dict[str, float]:
