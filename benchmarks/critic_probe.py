@@ -100,19 +100,25 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"runs": list(results.values())}, indent=2))
 
-    rows = ["| run | reward | gamma | env steps | actor updates | one sample (%) | best of N by Q (%) | worst of N by Q (%) |",
-            "|---|---|---|---|---|---|---|---|"]
+    write_report(results, " ".join(sys.argv))
+
+
+def write_report(results: dict, command: str) -> None:
+    """The BENCHMARKS.md section "critic_probe" from every probed run (`command`: the last invocation)."""
+    rows = ["| run | reward | gamma | env steps | actor updates | episodes | N | one sample (%) | best of N by Q (%) "
+            "| worst of N by Q (%) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.values():
         rows.append(f"| `{r['run']}` | {'dense' if r['shaped_reward'] else 'sparse'} | {r['gamma']} | {r['env_steps']} | "
-                    f"{r['actor_updates']} | {r['one sample']:.1f} | {r['best']:.1f} | {r['worst']:.1f} |")
+                    f"{r['actor_updates']} | {r['episodes']} | {r['particles']} | {r['one sample']:.1f} | "
+                    f"{r['best']:.1f} | {r['worst']:.1f} |")
     table = "\n".join(rows)
     print(table)
     body = (f"## Does the critic rank the policy's chunks? (`benchmarks/critic_probe.py`)\n\n"
-            f"Command (the last invocation; the table keeps every run probed): `.venv/bin/python "
-            f"{' '.join(sys.argv)}`\nMachine: {machine()}\nDate: {today()}\n\n"
-            f"Each run's policy plays its task on evaluation seeds 1000+i ({args.waves * args.num_envs} episodes "
-            f"per column) taking one sample per decision, or the best / worst of N={args.particles} samples by "
-            "the run's critic (min of the twins).\n\n" + table + "\n")
+            f"Command (the last invocation; the table keeps every run probed): `.venv/bin/python {command}`\n"
+            f"Machine: {machine()}\nDate: {today()}\n\n"
+            "Each run's policy plays its task on evaluation seeds 1000+i (the episodes column: per column) taking one "
+            "sample per decision, or the best / worst of N samples by the run's critic (min of the twins).\n\n"
+            + table + "\n")
     write_section("critic_probe", body)
 
 
