@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CRITIC_RUN = ["finetune", "--policy", "pretrained/fetch_push", "--task", "fetch_push", "--algo", "simpo",
               "--weighting", "linear", "--negative-bound", "-0.5", "--env-steps", "30000", "--seed", "0",
-              "--eval-every", "0", "--final-eval-episodes", "16", "--simpo.actor-starts", "100000000"]
+              "--eval-every", "0", "--final-eval-episodes", "16", "--simpo.actor-starts", "100000000",
+              "--simpo.buffer-size", "100000"]  # holds all 30k env steps whatever the default
 
 
 def probe(critic_run: Path, target_kl: float, updates: int, eval_at: list[int], waves: int) -> list[tuple[int, float]]:

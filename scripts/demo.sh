@@ -9,7 +9,9 @@ export MUJOCO_GL="${MUJOCO_GL:-egl}"
 mkdir -p outputs
 .venv/bin/simpo-robot toy --json outputs/toy.json --plot outputs/toy.png
 .venv/bin/simpo-robot eval --policy pretrained/fetch_push --task fetch_push --episodes 50 --out outputs/eval/fetch_push
-# brief: 6000 env steps (critic from 2000, actor updates from 3000), 50 evaluation episodes before and after
+# brief: 6000 env steps (critic from 2000; phases of 1600 env steps, each ending in 25 actor updates, from 3000
+# on), 50 evaluation episodes before and after. The defaults' phases are 30k env steps long.
 .venv/bin/simpo-robot finetune --policy pretrained/fetch_push --task fetch_push --algo simpo --weighting linear \
-    --negative-bound -0.5 --env-steps 6000 --simpo.actor-starts 3000 --eval-every 0 --final-eval-episodes 50 \
-    --seed 0 --out outputs/finetune/fetch_push --overwrite
+    --negative-bound -0.5 --env-steps 6000 --simpo.actor-starts 3000 --simpo.actor-burst 25 --simpo.actor-every 8 \
+    --simpo.buffer-size 800 --eval-every 0 --final-eval-episodes 50 --seed 0 --out outputs/finetune/fetch_push \
+    --overwrite

@@ -87,7 +87,8 @@ def test_finetune_cli_end_to_end(tiny_push, tmp_path):
     args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--env-steps", "400",
             "--simpo.learning-starts", "100", "--simpo.actor-starts", "100", "--num-envs", "4", "--final-eval-episodes", "2", "--eval-episodes", "2",
             "--eval-every", "200", "--simpo.batch-size", "16", "--simpo.actor-batch-size", "4", "--simpo.particles", "4",
-            "--log-every", "2", "--weighting", "linear", "--negative-bound", "-0.5", "--out", str(out)]
+            "--log-every", "2", "--weighting", "linear", "--negative-bound", "-0.5", "--simpo.actor-burst", "2",
+            "--simpo.actor-every", "8", "--out", str(out)]
     assert main(args) == 0
     eval_info = json.loads((out / "eval_info.json").read_text())
     assert set(eval_info["aggregated"]) >= {"avg_sum_reward", "avg_max_reward", "pc_success", "eval_s", "eval_ep_s"}
@@ -132,7 +133,7 @@ def _run(tiny_push, out, env_steps, *extra):
     args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--env-steps", str(env_steps),
             "--simpo.learning-starts", "50", "--simpo.actor-starts", "50", "--num-envs", "2", "--final-eval-episodes", "1", "--eval-every", "0",
             "--checkpoint-every", "100", "--simpo.batch-size", "8", "--simpo.actor-batch-size", "2", "--simpo.particles", "4",
-            "--simpo.refresh-every", "3", "--out", str(out), *extra]
+            "--simpo.refresh-every", "3", "--simpo.actor-burst", "2", "--simpo.actor-every", "8", "--out", str(out), *extra]
     assert main(args) == 0
 
 
@@ -169,7 +170,8 @@ def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tiny_push, tmp
 
 
 def test_resume_refuses_a_different_command_and_a_missing_checkpoint(tiny_push, tmp_path, capsys):
-    _run(tiny_push, tmp_path / "run", 100)
+    old_defaults = ("--simpo.actor-burst", "1", "--simpo.critic-reset", "false")  # before these options existed
+    _run(tiny_push, tmp_path / "run", 100, *old_defaults)
     args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--weighting", "exp",
             "--resume", str(tmp_path / "run")]
     assert main(args) == 1
@@ -179,13 +181,15 @@ def test_resume_refuses_a_different_command_and_a_missing_checkpoint(tiny_push, 
     # a run saved before an option existed resumes with the option's old behaviour, and only with it
     config_file = tmp_path / "run" / "finetune_config.json"
     config = json.loads(config_file.read_text())
-    del config["simpo"]["weighting_critic_every"], config["simpo"]["actor_burst"]
+    for name in ("weighting_critic_every", "actor_burst", "critic_reset"):
+        del config["simpo"][name]
     config_file.write_text(json.dumps(config))
-    _run(tiny_push, tmp_path / "run", 150, "--resume", str(tmp_path / "run"))
+    _run(tiny_push, tmp_path / "run", 150, *old_defaults, "--resume", str(tmp_path / "run"))
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["env_steps"] >= 150
     with pytest.raises(AssertionError):
-        _run(tiny_push, tmp_path / "run", 200, "--resume", str(tmp_path / "run"), "--simpo.weighting-critic-every", "5")
-    assert "weighting_critic_every" in capsys.readouterr().err
+        _run(tiny_push, tmp_path / "run", 200, "--resume", str(tmp_path / "run"))  # today's defaults: not that run
+    assert "--resume" in (err := capsys.readouterr().err) and "simpo.actor_burst: saved 1, now 2" in err
+    assert "critic_hidden" not in err  # only the options that differ
 
 
 def test_two_processes_keep_parameters_identical_and_double_env_steps_per_update(tiny_push, tmp_path):
@@ -197,7 +201,7 @@ def test_two_processes_keep_parameters_identical_and_double_env_steps_per_update
         args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--env-steps", "400",
                 "--simpo.learning-starts", "100", "--simpo.actor-starts", "100", "--num-envs", "2", "--final-eval-episodes", "1", "--eval-every", "0",
                 "--checkpoint-every", "200", "--simpo.batch-size", "8", "--simpo.actor-batch-size", "2",
-                "--simpo.particles", "4", "--out", str(out)]
+                "--simpo.particles", "4", "--simpo.actor-burst", "2", "--simpo.actor-every", "8", "--out", str(out)]
         proc = subprocess.run([*launcher, "-m", "simpo_robot", *args], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads((out / "summary.json").read_text())
@@ -347,9 +351,11 @@ def test_actor_updates_follow_the_critic(tiny_push, self_fit, weighting, bound):
 
 
 def _agent_with_data(tiny_push, **overrides):
-    """A prepared single-process SiMPO agent (one critic update per update() call) with 3 stored transitions."""
-    agent, actor = _simpo_agent(tiny_push, critic_updates=1, actor_starts=0, batch_size=4, actor_batch_size=2,
-                                **overrides)
+    """A prepared single-process SiMPO agent (one critic update per update() call) with 3 stored transitions;
+    interleaved updates without critic resets unless overridden."""
+    agent, actor = _simpo_agent(tiny_push, **{"critic_updates": 1, "actor_starts": 0, "batch_size": 4,
+                                              "actor_batch_size": 2, "actor_burst": 1, "critic_reset": False,
+                                              **overrides})
     agent.set_prepared({}, lambda m: m)
     g = torch.Generator().manual_seed(0)
     agent.observe(_chunk_batch(actor, 3, [True, True, True], [True, True, True], 0.0), g)

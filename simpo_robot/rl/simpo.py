@@ -100,24 +100,27 @@ class SimpoConfig:
     the shift, so only the scale matters."""
     loss_clip: float = 5.0
     """Per-element bound on the squared denoising error (bounds the repulsive term)."""
-    buffer_size: int = 100_000
-    """Replay capacity in chunk transitions."""
+    buffer_size: int = 15_000
+    """Replay capacity in chunk transitions. The default holds one phase (actor_every * actor_burst critic
+    updates = 30k env steps with 16 envs and 2-step chunks), so that each phase's critic judges the current
+    policy's data only; a buffer that mixes policies lost the first phase's gain (BENCHMARKS.md, fourth round)."""
     learning_starts: int = 2_000
     """Env steps collected before the first (critic) update."""
-    actor_starts: int = 20_000
+    actor_starts: int = 30_000
     """Env steps before the first actor update: the weights are only as good as the critic, and updates
     driven by an untrained critic measurably degraded the pretrained policy. (Cheap: before it, fine-tuning
     runs at the acting rate, about 200 env steps/s here.)"""
     critic_updates: int = 4
     """Critic updates per collected chunk (across all envs of a process)."""
-    actor_every: int = 8
+    actor_every: int = 15
     """Critic updates per actor update (an actor update costs about 100 critic updates on a CPU)."""
-    actor_burst: int = 1
+    actor_burst: int = 250
     """Actor updates in a row each time it is the actor's turn. 1: one after every `actor_every` critic updates
     (interleaved). N > 1: N in a row after every `actor_every * N` critic updates (same ratio), against the
     critic as it stands; in between, the policy holds still while the critic fits its new data (policy
-    iteration, in phases)."""
-    critic_reset: bool = False
+    iteration, in phases). Interleaved updates lost fetch_push's early gains (44 -> 33 percent at 300k env
+    steps); phases of 30k env steps kept them (BENCHMARKS.md, fourth round)."""
+    critic_reset: bool = True
     """Restart the critic (weights, targets, optimiser state) from its initial weights after each actor burst, so
     that each phase's critic is fitted to the current policy's data alone, as the frozen critic of
     benchmarks/actor_probe.py was (a critic trained on across phases can lose the plasticity to re-rank)."""

@@ -254,14 +254,26 @@ def _saved_config(out: Path) -> dict[str, Any]:
     return saved
 
 
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"simpo": {"actor_burst": 1}} -> {"simpo.actor_burst": 1}, so that a mismatch names the one option."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _check_resumable(cfg: FinetuneConfig, out: Path) -> Path:
     """The checkpoint to resume from; the saved config must match the command line (but RESUMABLE_CHANGES)."""
     ckpt = _last_checkpoint(out, "--resume")
-    saved = _saved_config(out)
-    current = _config_dict(cfg)
-    differ = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    saved = _flat(_saved_config(out))
+    current = _flat(_config_dict(cfg))
+    differ = sorted(k for k in current.keys() | saved.keys()
+                    if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
     if differ:
-        details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in differ)
+        details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
         raise SimpoRobotError(f"--resume {out}: the command differs from the run's ({details}); rerun the same "
                               "command with --resume.")
     return ckpt
