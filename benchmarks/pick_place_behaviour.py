@@ -16,35 +16,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simpo_robot.evaluate import evaluate_policy
 from simpo_robot.policy_io import load_policy
-from simpo_robot.tasks import load_task, make_env, make_vec_env
+from simpo_robot.tasks import load_task, make_env
 
 LIFT_M = 0.03
 AIR_M = 0.01
 
 
 def behaviour(policy: str, episodes: int, seed: int) -> dict[str, float]:
+    """One evaluation of `policy` (the episodes in one batch), watching the block along the way."""
     spec = load_task("fetch_pick_place")
-    loaded = load_policy(policy)
-    model, pre, post = loaded.policy, loaded.preprocessor, loaded.postprocessor
-    model.eval()
-    env = make_vec_env(spec, episodes)
-    obs, _ = env.reset(seed=[seed + i for i in range(episodes)])
-    torch.manual_seed(seed)
-    model.reset()
-    start_z = obs["observation.environment_state"][:, 2].copy()
-    lift = np.zeros(episodes)
-    success = np.zeros(episodes, bool)
-    for _ in range(spec.max_episode_steps):
-        with torch.inference_mode():
-            action = post(model.select_action(pre({k: torch.from_numpy(v) for k, v in obs.items()})))
-        obs, _, term, trunc, info = env.step(action.numpy())
+    seen: dict[str, np.ndarray] = {}
+
+    def watch(first: int, obs: dict[str, np.ndarray]) -> None:
         block = obs["observation.environment_state"]
-        lift = np.maximum(lift, block[:, 2] - start_z)
-        success |= np.asarray(info[spec.success_key], bool) & (term | trunc)
-    env.close()
+        if "start_z" not in seen:  # right after the reset
+            seen["start_z"], seen["lift"] = block[:, 2].copy(), np.zeros(len(block))
+        seen["lift"] = np.maximum(seen["lift"], block[:, 2] - seen["start_z"])
+        seen["last"] = block
+
+    result = evaluate_policy(load_policy(policy), spec, episodes, seed, batch_size=episodes, on_step=watch)
+    block = seen["last"]
     final = np.linalg.norm(block[:, 0:3] - block[:, -3:], axis=1)
-    return {"success %": 100 * success.mean(), "lifted %": 100 * (lift > LIFT_M).mean(),
+    return {"success %": 100 * result.success_rate, "lifted %": 100 * (seen["lift"] > LIFT_M).mean(),
             "final goal distance (m)": float(final.mean())}
 
 

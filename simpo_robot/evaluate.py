@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,12 @@ def evaluate_policy(
     batch_size: int = 25,
     videos: int = 0,
     video_dir: Path | None = None,
+    on_step: Callable[[int, dict[str, np.ndarray]], None] | None = None,
 ) -> EvalResult:
-    """Roll `loaded` (a `LoadedPolicy`) out for `episodes` episodes of `spec`, seeds `seed + i`."""
+    """Roll `loaded` (a `LoadedPolicy`) out for `episodes` episodes of `spec`, seeds `seed + i`.
+
+    `on_step(first, obs)`, if given, sees each batch's observations (episodes first, first + 1, ...) after the
+    reset and after every step: a way to measure more than success along the same rollouts."""
     from rich.progress import Progress
 
     check_policy_fits_task(loaded.config, spec)
@@ -137,6 +142,8 @@ def evaluate_policy(
             seeds = [seed + first + i for i in range(n)]
             torch.manual_seed(seed + first)  # diffusion sampling noise
             obs, _ = env.reset(seed=seeds)
+            if on_step is not None:
+                on_step(first, obs)
             policy.reset()
             frames: list[list[np.ndarray]] = [[env.envs[i].render()] for i in range(n_video)]
             rewards = np.zeros((spec.max_episode_steps, n))
@@ -147,6 +154,8 @@ def evaluate_policy(
                 with torch.inference_mode():
                     action = post(policy.select_action(pre(batch)))
                 obs, reward, term, trunc, info = env.step(action.numpy())
+                if on_step is not None:
+                    on_step(first, obs)
                 rewards[t] = np.where(done, 0.0, reward)
                 ended = (term | trunc) & ~done
                 step_success = np.asarray(info.get(spec.success_key, np.zeros(n)), bool)

@@ -12,8 +12,10 @@ import pytest
 from simpo_robot.cli import main
 from simpo_robot.collect import CollectConfig, run_collect
 from simpo_robot.errors import SimpoRobotError
-from simpo_robot.evaluate import EvalConfig, run_eval, wilson_interval
+from simpo_robot.evaluate import EvalConfig, evaluate_policy, run_eval, wilson_interval
+from simpo_robot.policy_io import load_policy
 from simpo_robot.pretrain import PretrainConfig, run_pretrain
+from simpo_robot.tasks import load_task
 
 TINY = dict(steps=2, batch_size=8, horizon=8, n_action_steps=4, down_dims=(8, 16), n_groups=4,
             diffusion_step_embed_dim=8, kernel_size=3, num_inference_steps=2)
@@ -38,6 +40,18 @@ def test_eval_info_keys_and_determinism(policy: Path, tmp_path: Path):
         assert -50.0 <= e["sum_reward"] <= 0.0 and e["max_reward"] in (-1.0, 0.0)
     again = run_eval(EvalConfig(**{**vars(cfg), "out": tmp_path / "b"}))
     assert again.per_episode == result.per_episode
+
+
+def test_on_step_sees_every_observation_of_the_same_rollouts(policy: Path):
+    spec = load_task("fetch_reach")
+    seen: list[tuple[int, int, float]] = []
+    watched = evaluate_policy(load_policy(policy), spec, 3, seed=7, batch_size=2,
+                              on_step=lambda first, obs: seen.append((first, len(obs["observation.state"]),
+                                                                      float(obs["observation.state"][0, 0]))))
+    steps = spec.max_episode_steps  # Fetch episodes run to the time limit
+    assert [(f, n) for f, n, _ in seen] == [(0, 2)] * (steps + 1) + [(2, 1)] * (steps + 1)  # reset + every step
+    assert len({x for _, _, x in seen[: steps + 1]}) > 1  # the observations move along the episode
+    assert evaluate_policy(load_policy(policy), spec, 3, seed=7, batch_size=2).per_episode == watched.per_episode
 
 
 def test_videos(policy: Path, tmp_path: Path):
