@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/phases.py outputs/phase/kl005_b250_p30k_reset outputs/round5/*
 
-A phase ends at each actor burst. A burst shows in a run's metrics.jsonl as a new `simpo/q_std` (the
-particles' Q spread, measured at actor updates only). Each phase's success is the mean of the training
+A phase ends at each actor burst: where a run's metrics.jsonl shows a new `charts/actor_updates` (runs from
+before that metric: a new `simpo/q_std`, the particles' Q spread, measured at actor updates only). Each phase's success is the mean of the training
 episodes' 100-episode success windows (`charts/rollout_success`), read every 5000 env steps from 5000 env
 steps after the phase starts (so that the windows hardly overlap and hold no episode of the phase before).
 """
@@ -20,10 +20,13 @@ def phases(run: Path) -> dict[str, str]:
     rows = [r for r in rows if "charts/rollout_success" in r]
     spreads: list[float] = []
     phase_rows: list[list[dict]] = [[]]
+    burst_key = "charts/actor_updates" if any("charts/actor_updates" in r for r in rows) else "simpo/q_std"
+    last_burst = None
     for row in rows:
-        q = row.get("simpo/q_std")
-        if q is not None and (not spreads or q != spreads[-1]):
-            spreads.append(q)
+        burst = row.get(burst_key)
+        if burst is not None and burst != last_burst:
+            last_burst = burst
+            spreads.append(row["simpo/q_std"])
             phase_rows.append([])
         phase_rows[-1].append(row)
     success = []

@@ -10,7 +10,7 @@ from simpo_robot.cli import main
 from simpo_robot.deploy.testing import save_tiny_policy
 from simpo_robot.policy_io import load_policy
 from simpo_robot.rl.actor import DiffusionActor, sample_chunks, step_tables
-from simpo_robot.rl.chunks import chunk_return
+from simpo_robot.rl.chunks import chunk_return, n_step_return
 from simpo_robot.rl.critic import TwinCritic, TwinQ, ema_update, td_target
 from simpo_robot.rl.replay import ReplayBuffer, Transition
 
@@ -25,6 +25,23 @@ def test_chunk_return_hand_computed():
     torch.testing.assert_close(out.reward, torch.tensor([-1.5, 1.5, 0.0]))
     torch.testing.assert_close(out.discount, torch.tensor([0.125, 0.0, 0.5]))
     assert out.steps.tolist() == [3, 2, 1]
+
+
+def test_n_step_return_hand_computed():
+    reward, discount = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 0.5, 0.0, 0.5])
+    two = n_step_return(reward, discount, 2)
+    # t=1: 2 + 0.5*3, then the termination inside chunk 2 zeroes the bootstrap; t=3: the episode's last chunk
+    torch.testing.assert_close(two.reward, torch.tensor([2.0, 3.5, 3.0, 4.0]))
+    torch.testing.assert_close(two.discount, torch.tensor([0.25, 0.0, 0.0, 0.5]))
+    assert two.last.tolist() == [1, 2, 3, 3]
+    one = n_step_return(reward, discount, 1)
+    assert one.reward.tolist() == reward.tolist() and one.discount.tolist() == discount.tolist()
+    assert one.last.tolist() == [0, 1, 2, 3]
+    whole = n_step_return(reward, discount, 10)  # Monte Carlo up to the termination
+    assert whole.reward[0].item() == 1 + 0.5 * 2 + 0.25 * 3 and whole.discount[0].item() == 0.0
+    assert whole.last.tolist() == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        n_step_return(reward, discount, 0)
 
 
 def test_td_target_uses_the_smaller_critic_and_the_discount():
@@ -101,6 +118,8 @@ def test_finetune_cli_end_to_end(tiny_push, tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [m for m in metrics if "losses/actor" in m]
     assert trained and all(math.isfinite(m["losses/critic"]) for m in trained)
+    summary = json.loads((out / "summary.json").read_text())
+    assert trained[-1]["charts/actor_updates"] == summary["actor_updates"] > 0
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert any((out / "tensorboard").iterdir())
     reloaded = load_policy(out / "final")  # stock LeRobot layout, processors included
@@ -140,10 +159,11 @@ def _run(tiny_push, out, env_steps, *extra):
 def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tiny_push, tmp_path):
     from safetensors.torch import load_file
 
-    _run(tiny_push, tmp_path / "straight", 200)
-    _run(tiny_push, tmp_path / "interrupted", 100)  # stops (and checkpoints) after the first episodes
+    n_step = ("--simpo.n-step", "3")  # (episodes are stored whole: checkpoints fall between them)
+    _run(tiny_push, tmp_path / "straight", 200, *n_step)
+    _run(tiny_push, tmp_path / "interrupted", 100, *n_step)  # stops (and checkpoints) after the first episodes
     assert (tmp_path / "interrupted" / "checkpoints" / "last" / "trainer_rank0.pt").is_file()
-    _run(tiny_push, tmp_path / "interrupted", 200, "--resume", str(tmp_path / "interrupted"))
+    _run(tiny_push, tmp_path / "interrupted", 200, *n_step, "--resume", str(tmp_path / "interrupted"))
     straight = load_file(tmp_path / "straight" / "final" / "model.safetensors")
     resumed = load_file(tmp_path / "interrupted" / "final" / "model.safetensors")
     assert straight.keys() == resumed.keys()
@@ -181,7 +201,7 @@ def test_resume_refuses_a_different_command_and_a_missing_checkpoint(tiny_push, 
     # a run saved before an option existed resumes with the option's old behaviour, and only with it
     config_file = tmp_path / "run" / "finetune_config.json"
     config = json.loads(config_file.read_text())
-    for name in ("weighting_critic_every", "actor_burst", "critic_reset"):
+    for name in ("weighting_critic_every", "actor_burst", "critic_reset", "n_step"):
         del config["simpo"][name]
     config_file.write_text(json.dumps(config))
     _run(tiny_push, tmp_path / "run", 150, *old_defaults, "--resume", str(tmp_path / "run"))
@@ -225,12 +245,15 @@ def _simpo_agent(tiny_push, **overrides):
     return agent, actor
 
 
-def _chunk_batch(actor, envs: int, live, ended, offset: float):
+def _chunk_batch(actor, envs: int, live, ended, offset: float, reward: bool = False):
+    """Env i's chunk is filled with offset + i (and so is its reward with `reward`; else 0); next states too."""
     from simpo_robot.rl.agent import ChunkBatch
 
     chunks = torch.full((envs, actor.horizon, actor.action_dim), offset) + torch.arange(envs).reshape(envs, 1, 1)
-    tr = Transition(torch.zeros(envs, 2, 10), torch.zeros(envs, 2, 18), chunks, torch.zeros(envs),
-                    torch.ones(envs), torch.zeros(envs, 2, 10), torch.zeros(envs, 2, 18))
+    r = offset + torch.arange(envs, dtype=torch.float32) if reward else torch.zeros(envs)
+    nxt = (offset + torch.arange(envs, dtype=torch.float32)).reshape(envs, 1, 1)
+    tr = Transition(torch.zeros(envs, 2, 10), torch.zeros(envs, 2, 18), chunks, r,
+                    torch.ones(envs), nxt.repeat(1, 2, 10), torch.zeros(envs, 2, 18))
     live, ended = torch.tensor(live), torch.tensor(ended)
     return ChunkBatch(tr, live, ended, torch.ones(envs), {})
 
@@ -247,6 +270,31 @@ def test_simpo_stores_each_transition_with_the_next_chunk_of_its_env(tiny_push):
     # envs 0 and 2 of the first chunk get the second chunk of the same env as their next chunk
     assert dict(zip(chunk[1:3], nxt[1:3], strict=True)) == {0.0: 100.0, 2.0: 102.0}
     assert agent.rank_state()["buffer"]["size"] == 5
+
+
+def test_simpo_n_step_stores_an_episode_as_n_chunk_transitions_when_it_ends(tiny_push):
+    agent, actor = _simpo_agent(tiny_push, n_step=2)
+    g = torch.Generator().manual_seed(0)
+    agent.observe(_chunk_batch(actor, 3, [True, True, True], [False, True, False], 0.0, reward=True), g)
+    assert agent.buffer is None  # envs 0 and 2 are still running
+    with pytest.raises(RuntimeError, match="between episodes"):
+        agent.rank_state()
+    agent.observe(_chunk_batch(actor, 3, [True, False, True], [False, False, False], 10.0, reward=True), g)
+    agent.observe(_chunk_batch(actor, 3, [True, False, True], [True, False, True], 100.0, reward=True), g)
+    assert agent.pending is None and not agent.episode and len(agent.buffer) == 7
+    rows = agent.buffer.storage
+    by_start = {(rows.chunk[i, 0, 0].item()): i for i in range(7)}
+    # env 0, first chunk: rewards 0 + 1 * 10 (discounts 1), bootstrap from the second chunk's next state/chunk
+    i = by_start[0.0]
+    assert rows.reward[i] == 10.0 and rows.discount[i] == 1.0
+    assert rows.next_state[i, 0, 0] == 10.0 and rows.next_chunk[i, 0, 0] == 100.0
+    # env 2's second chunk: 12 + 102, bootstrapping from its last chunk's next state and a sampled chunk
+    i = by_start[12.0]
+    assert rows.reward[i] == 114.0 and rows.next_state[i, 0, 0] == 100.0 + 2
+    assert rows.next_chunk[i].abs().max() <= 1.0
+    # env 1 ended after one chunk: its one row is a 1-chunk transition; each env's last row too
+    assert rows.reward[by_start[1.0]] == 1.0 and rows.reward[by_start[102.0]] == 102.0
+    assert agent.rank_state()["buffer"]["size"] == 7
 
 
 def test_anchored_update_is_exactly_zero_when_q_is_flat_and_the_papers_is_not(tiny_push):

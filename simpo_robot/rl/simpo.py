@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from simpo_robot.rl.actor import DiffusionActor, FlowActor
 from simpo_robot.rl.agent import ChunkBatch, Stepper
+from simpo_robot.rl.chunks import n_step_return
 from simpo_robot.rl.critic import TwinCritic, ema_update, td_target
 from simpo_robot.rl.replay import ReplayBuffer, Transition
 from simpo_robot.simpo import LearnedTemperature, solve_weights, weight_kl_from_uniform
@@ -80,6 +81,11 @@ class SimpoConfig:
     target: str = "behaviour"
     """Next chunk of the TD target: "behaviour" (the chunk sampled at the next state while acting) or
     "actor" (a fresh sample from the current actor with the particle sampler, the reference recipe)."""
+    n_step: int = 1
+    """Chunks per TD target: the critic regresses on the discounted reward of the next n executed chunks and
+    bootstraps from the state after them (fewer at the episode's end). Larger n carries the outcome back to
+    early chunks in fewer target updates, with more of the behaviour policy's noise; the buffer holds one
+    phase of the current policy's data, so the n-chunk return is (nearly) on-policy."""
     refresh_every: int = 50
     """Actor updates between refreshes of pi_old (a hard copy of the denoiser)."""
     weighting_critic_every: int = 0
@@ -139,7 +145,7 @@ class SimpoConfig:
     28 percent of the env steps per second."""
 
     def __post_init__(self):
-        for name in ("particles", "particle_steps", "refresh_every", "buffer_size", "critic_updates",
+        for name in ("particles", "particle_steps", "n_step", "refresh_every", "buffer_size", "critic_updates",
                      "actor_every", "actor_burst", "batch_size", "actor_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"simpo.{name} must be >= 1, got {getattr(self, name)}")
@@ -207,6 +213,8 @@ class SimpoAgent:
         self.buffer: ReplayBuffer | None = None
         self.pending: tuple[Transition, Tensor] | None = None
         """Last chunk's transitions still waiting for their next chunk, and which envs they came from."""
+        self.episode: list[tuple[SimpoTransition, Tensor]] = []
+        """With n_step > 1: the running episode's transitions (and their env indices) until it ends."""
         self.critic_updates = 0
         self.actor_updates = 0
         self.particle_seconds = 0.0
@@ -235,7 +243,7 @@ class SimpoAgent:
         return [self.objective, self.critic, self.critic_target, self.pi_old, self.temperature, *frozen]
 
     def rank_state(self) -> dict[str, Any]:
-        if self.pending is not None:
+        if self.pending is not None or self.episode:
             raise RuntimeError("SiMPO's state can only be saved between episodes")
         return {"buffer": self.buffer.state_dict() if self.buffer is not None else None,
                 "critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
@@ -259,19 +267,45 @@ class SimpoAgent:
         tr = batch.transition
         if self.pending is not None:
             waiting, envs = self.pending
-            self._store(waiting, tr.chunk[envs])
+            self._store(waiting, tr.chunk[envs], envs)
         ended = batch.live & batch.ended
         if ended.any():
             with torch.no_grad():
                 cond = self.actor.global_cond(tr.next_state[ended].to(self.device),
                                               tr.next_env_state[ended].to(self.device))
                 bootstrap = self.act(cond, generator)[0].cpu()
-            self._store(Transition(*(x[ended] for x in tr)), bootstrap)
+            self._store(Transition(*(x[ended] for x in tr)), bootstrap, ended)
         running = batch.live & ~batch.ended
         self.pending = (Transition(*(x[running] for x in tr)), running) if running.any() else None
+        if self.pending is None and self.episode:
+            self._store_n_step()
 
-    def _store(self, transitions: Transition, next_chunk: Tensor) -> None:
+    def _store(self, transitions: Transition, next_chunk: Tensor, envs: Tensor) -> None:
+        """One chunk transition for each env in the mask `envs`: into the buffer, or with n_step > 1 into
+        the episode's rows until it ends."""
         rows = SimpoTransition(*transitions, next_chunk)
+        if self.cfg.n_step > 1:
+            self.episode.append((rows, envs.nonzero().squeeze(-1)))
+            return
+        self._store_rows(rows)
+
+    def _store_n_step(self) -> None:
+        """The ended episode's rows as n-chunk transitions, env by env: the reward of the next n chunks, and
+        the next state and chunk after them (both from the row `last`)."""
+        rows = SimpoTransition(*(torch.cat(field) for field in zip(*(r for r, _ in self.episode), strict=True)))
+        env = torch.cat([e for _, e in self.episode])
+        self.episode = []
+        order = torch.sort(env, stable=True).indices  # each env's rows stay in time order
+        for idx in torch.split(order, torch.bincount(env).tolist()):
+            if idx.numel() == 0:
+                continue
+            mine = SimpoTransition(*(x[idx] for x in rows))
+            ret = n_step_return(mine.reward, mine.discount, self.cfg.n_step)
+            self._store_rows(mine._replace(
+                reward=ret.reward, discount=ret.discount, next_state=mine.next_state[ret.last],
+                next_env_state=mine.next_env_state[ret.last], next_chunk=mine.next_chunk[ret.last]))
+
+    def _store_rows(self, rows: SimpoTransition) -> None:
         if self.buffer is None:
             self.buffer = ReplayBuffer(self.cfg.buffer_size, rows)
         self.buffer.add(rows)
@@ -369,7 +403,7 @@ class SimpoAgent:
             "simpo/max_weight": ab.weights.max().item(),
             "simpo/q_std": ab.q.std(dim=-1).mean().item(),
             "simpo/particle_std": ab.particles.reshape(*ab.q.shape, -1).std(dim=1).mean().item(),
-            "charts/particle_s": self.particle_seconds,
+            "charts/particle_s": self.particle_seconds, "charts/actor_updates": self.actor_updates,
         }
 
     def _sample(self, batch_size: int, cpu_generator: torch.Generator) -> SimpoTransition:
