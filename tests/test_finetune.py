@@ -59,6 +59,24 @@ def test_ema_update_exact():
         torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
 
 
+def test_layer_norm_critic_ignores_the_scale_of_each_hidden_layers_input():
+    torch.manual_seed(0)
+    critic = TwinCritic(3, 2, (8, 8), layer_norm=True)
+    obs, chunk = torch.randn(5, 3), torch.randn(5, 2)
+    before = critic(obs, chunk)
+    with torch.no_grad():  # LayerNorm undoes a positive rescaling of the linear layer before it
+        critic.q1[0].weight.mul_(3.0), critic.q1[0].bias.mul_(3.0)
+    after = critic(obs, chunk)
+    torch.testing.assert_close(after.q1, before.q1, atol=2e-4, rtol=0)  # (up to LayerNorm's eps)
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in critic.modules()) == 4
+    plain = TwinCritic(3, 2, (8, 8))
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in plain.modules())
+    before = plain(obs, chunk).q1
+    with torch.no_grad():
+        plain.q1[0].weight.mul_(3.0), plain.q1[0].bias.mul_(3.0)
+    assert (plain(obs, chunk).q1 - before).abs().max() > 1e-2  # without it, the rescaling shows
+
+
 def make_transition(start: int, n: int) -> Transition:
     a = torch.arange(start, start + n, dtype=torch.float32)
     return Transition(a.reshape(n, 1, 1).repeat(1, 2, 3), a.reshape(n, 1, 1).repeat(1, 2, 2),
@@ -201,7 +219,7 @@ def test_resume_refuses_a_different_command_and_a_missing_checkpoint(tiny_push, 
     # a run saved before an option existed resumes with the option's old behaviour, and only with it
     config_file = tmp_path / "run" / "finetune_config.json"
     config = json.loads(config_file.read_text())
-    for name in ("weighting_critic_every", "actor_burst", "critic_reset", "n_step"):
+    for name in ("weighting_critic_every", "actor_burst", "critic_reset", "n_step", "critic_layer_norm"):
         del config["simpo"][name]
     config_file.write_text(json.dumps(config))
     _run(tiny_push, tmp_path / "run", 150, *old_defaults, "--resume", str(tmp_path / "run"))

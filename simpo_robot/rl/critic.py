@@ -19,22 +19,24 @@ class TwinQ(NamedTuple):
     """(B,)"""
 
 
-def mlp(inp: int, hidden: tuple[int, ...], out: int) -> nn.Sequential:
+def mlp(inp: int, hidden: tuple[int, ...], out: int, layer_norm: bool = False) -> nn.Sequential:
+    """Linear -> [LayerNorm ->] Mish per hidden width, then a linear head."""
     layers: list[nn.Module] = []
     for width in hidden:
-        layers += [nn.Linear(inp, width), nn.Mish()]
+        layers += [nn.Linear(inp, width), *([nn.LayerNorm(width)] if layer_norm else []), nn.Mish()]
         inp = width
     layers.append(nn.Linear(inp, out))
     return nn.Sequential(*layers)
 
 
 class TwinCritic(nn.Module):
-    """Two independent MLPs Q_j(o, c) (the reference recipe's 256x256)."""
+    """Two independent MLPs Q_j(o, c) (the reference recipe's 256x256), optionally with LayerNorm after each
+    hidden linear layer (as in RLPD's critics)."""
 
-    def __init__(self, obs_dim: int, chunk_dim: int, hidden: tuple[int, ...] = (256, 256)):
+    def __init__(self, obs_dim: int, chunk_dim: int, hidden: tuple[int, ...] = (256, 256), layer_norm: bool = False):
         super().__init__()
-        self.q1 = mlp(obs_dim + chunk_dim, hidden, 1)
-        self.q2 = mlp(obs_dim + chunk_dim, hidden, 1)
+        self.q1 = mlp(obs_dim + chunk_dim, hidden, 1, layer_norm)
+        self.q2 = mlp(obs_dim + chunk_dim, hidden, 1, layer_norm)
 
     def forward(self, obs: Tensor, chunk: Tensor) -> TwinQ:
         """obs: (B, Do), chunk: (B, Dc) -> TwinQ of (B,) each."""

@@ -143,6 +143,9 @@ class SimpoConfig:
     On fetch_push, 3x512 ended 7 to 11 points above 2x256 on each of 3 seeds (58.7, 56.2 and 54.3 percent against
     48.1, 49.5 and 44.2), and it kept fetch_pick_place from collapsing (BENCHMARKS.md, fifth round); it costs
     28 percent of the env steps per second."""
+    critic_layer_norm: bool = False
+    """LayerNorm after each hidden layer of the critics (RLPD's critic), which keeps Q-learning's features
+    bounded and the critic plastic."""
 
     def __post_init__(self):
         for name in ("particles", "particle_steps", "n_step", "refresh_every", "buffer_size", "critic_updates",
@@ -200,7 +203,8 @@ class SimpoAgent:
         self.cfg, self.weighting, self.negative_bound, self.actor, self.device = (
             cfg, weighting, negative_bound, actor, device)
         self.action_bound = actor.action_bound
-        self.critic = TwinCritic(obs_dim, actor.n_action_steps * actor.action_dim, tuple(cfg.critic_hidden)).to(device)
+        self.critic = TwinCritic(obs_dim, actor.n_action_steps * actor.action_dim, tuple(cfg.critic_hidden),
+                                 cfg.critic_layer_norm).to(device)
         self.objective = actor.objective(cfg.loss_clip)
         self.pi_old = copy.deepcopy(actor.unet).requires_grad_(False)
         self.temperature = LearnedTemperature(cfg.init_temperature, cfg.target_kl).to(device)

@@ -123,7 +123,8 @@ class FinetuneConfig:
 
 
 ADDED_OPTIONS = {("simpo", "weighting_critic_every"): 0, ("simpo", "actor_burst"): 1,
-                 ("simpo", "critic_reset"): False, ("simpo", "n_step"): 1}
+                 ("simpo", "critic_reset"): False, ("simpo", "n_step"): 1,
+                 ("simpo", "critic_layer_norm"): False}
 """Options added after runs may have been saved, with the value that reproduces those runs (for --resume)."""
 # Fields that may differ between a run and its resumption (everything else must match).
 RESUMABLE_CHANGES = {"env_steps", "resume", "overwrite", "eval_every", "eval_episodes", "final_eval_episodes",
