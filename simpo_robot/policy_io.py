@@ -16,6 +16,7 @@ Every failure the user can fix (missing folder, missing or corrupt file, offline
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -130,17 +131,24 @@ def load_policy_config(ref: str | Path, cache_dir: str | Path | None = None) -> 
 
 
 def load_policy(
-    ref: str | Path, device: str | torch.device = "cpu", cache_dir: str | Path | None = None
+    ref: str | Path, device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> LoadedPolicy:
     """Load a LeRobot policy and its pre/post-processors from a local folder or a Hub repo id.
 
     The policy class comes from the config's `type` through LeRobot's factory, so any registered
-    policy type loads. Weights are loaded with `strict=True`.
+    policy type loads. Weights are loaded with `strict=True`. `overrides` change config fields that do not
+    touch the weights before the policy is built (e.g. {"num_inference_steps": 1}: its sampler's steps).
     """
     from lerobot.policies.factory import get_policy_class, make_pre_post_processors
     from safetensors import SafetensorError
 
     folder, config = load_policy_config(ref, cache_dir)
+    if overrides:
+        try:
+            config = dataclasses.replace(config, **overrides)
+        except (TypeError, ValueError) as exc:
+            raise SimpoRobotError(f"cannot set {overrides} on the {config.type!r} policy {ref}: {exc}") from exc
     device = torch.device(device)
     config.device = device.type
     weights = _check_file(folder, WEIGHTS_FILE)

@@ -154,6 +154,7 @@ def test_finetune_cli_end_to_end(tiny_push, tmp_path):
     (["--weighting", "softmaxx"], "unknown weighting"),
     (["--negative-bound", "0.3"], "negative_bound"),
     (["--algo", "ppo"], "unknown algo"),
+    (["--num-inference-steps", "0"], "num_inference_steps must be >= 1"),
 ])
 def test_finetune_bad_flags(args, message, capsys):
     assert main(["finetune", *args]) == 2
@@ -345,12 +346,16 @@ def test_flow_policy_finetunes_with_the_weighted_flow_loss(tmp_path):
 
     flow = save_tiny_flow_policy(tmp_path / "flow", env_state_dim=18)
     out = tmp_path / "run"
-    _run(flow, out, 200, "--final-eval-episodes", "1")
+    assert load_policy(flow).config.num_inference_steps != 1
+    _run(flow, out, 200, "--final-eval-episodes", "1", "--num-inference-steps", "1")  # one Euler step
     info = json.loads((out / "final" / "training_info.json").read_text())
     assert info["algorithm"] == "simpo" and info["env_steps"] >= 200
     assert (out / "checkpoints" / "last" / "trainer_rank0.pt").is_file()  # the run ends between episodes
     reloaded = load_policy(out / "final")
-    assert reloaded.config.type == "flow"
+    assert reloaded.config.type == "flow" and reloaded.config.num_inference_steps == 1
+    from simpo_robot.rl.trainer import load_run
+
+    assert load_run(out).loaded.config.num_inference_steps == 1
     before, after = load_policy(flow).policy.state_dict(), reloaded.policy.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
 

@@ -149,3 +149,11 @@ def test_weights_of_another_architecture(saved: Path, tmp_path: Path):
     (broken / "config.json").write_text(json.dumps({**cfg, "down_dims": [8, 32]}))
     with pytest.raises(SimpoRobotError, match="does not match the architecture"):
         load_policy(broken)
+
+
+def test_overrides_change_the_sampler_steps_and_refuse_unknown_fields(saved: Path):
+    loaded = load_policy(saved, overrides={"num_inference_steps": 3})
+    assert loaded.config.num_inference_steps == 3 and loaded.policy.diffusion.num_inference_steps == 3
+    assert load_policy(saved).config.num_inference_steps != 3  # the folder is untouched
+    with pytest.raises(SimpoRobotError, match="cannot set"):
+        load_policy(saved, overrides={"no_such_field": 1})
