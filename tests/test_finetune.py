@@ -155,6 +155,7 @@ def test_finetune_cli_end_to_end(tiny_push, tmp_path):
     (["--negative-bound", "0.3"], "negative_bound"),
     (["--algo", "ppo"], "unknown algo"),
     (["--num-inference-steps", "0"], "num_inference_steps must be >= 1"),
+    (["--num-inference-steps", "1", "--algo", "dppo"], "--dppo.denoising-steps"),
 ])
 def test_finetune_bad_flags(args, message, capsys):
     assert main(["finetune", *args]) == 2

@@ -120,6 +120,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.num_inference_steps is not None and self.algo == "dppo":
+            raise ValueError("num_inference_steps is for --algo simpo; DPPO's chain is --dppo.denoising-steps")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("eval_every and checkpoint_every must be >= 0")
         if not (0 < self.gamma <= 1 and self.grad_clip > 0):
