@@ -49,8 +49,18 @@ class EvalConfig:
     videos: int = 0
     """Record mp4s of the first this many episodes (MUJOCO_GL=egl renders on CPU)."""
     device: str = "cpu"
+    num_inference_steps: int | None = None
+    """The policy's sampler steps (default: the checkpoint's)."""
+    n_action_steps: int | None = None
+    """Actions executed per decision, at most the chunk's length (default: the checkpoint's)."""
+
+    def overrides(self) -> dict[str, int]:
+        """The policy config fields this evaluation changes."""
+        return {k: v for k in ("num_inference_steps", "n_action_steps") if (v := getattr(self, k)) is not None}
 
     def __post_init__(self) -> None:
+        if any(v < 1 for v in self.overrides().values()):
+            raise ValueError(f"num_inference_steps and n_action_steps must be >= 1, got {self.overrides()}")
         if self.episodes <= 0:
             raise ValueError(f"episodes must be positive, got {self.episodes}")
         if self.batch_size <= 0:
@@ -201,7 +211,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     from simpo_robot.policy_io import load_policy
 
     spec = load_task(cfg.task)
-    loaded = load_policy(cfg.policy, device=cfg.device)
+    loaded = load_policy(cfg.policy, device=cfg.device, overrides=cfg.overrides())
     out = Path(cfg.out) if cfg.out is not None else Path("outputs/eval") / spec.name
     try:
         result = evaluate_policy(loaded, spec, cfg.episodes, cfg.seed, cfg.batch_size, cfg.videos, out / "videos")

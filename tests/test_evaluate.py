@@ -54,6 +54,16 @@ def test_on_step_sees_every_observation_of_the_same_rollouts(policy: Path):
     assert evaluate_policy(load_policy(policy), spec, 3, seed=7, batch_size=2).per_episode == watched.per_episode
 
 
+def test_eval_overrides_the_executed_actions_and_sampler_steps(policy: Path, tmp_path: Path):
+    cfg = EvalConfig(policy=str(policy), task="fetch_reach", episodes=2, batch_size=2, out=tmp_path,
+                     n_action_steps=2, num_inference_steps=1)
+    assert cfg.overrides() == {"num_inference_steps": 1, "n_action_steps": 2}
+    run_eval(cfg)
+    assert load_policy(policy, overrides=cfg.overrides()).policy.config.n_action_steps == 2
+    with pytest.raises(ValueError, match=">= 1"):
+        EvalConfig(n_action_steps=0)
+
+
 def test_videos(policy: Path, tmp_path: Path):
     result = run_eval(EvalConfig(policy=str(policy), task="fetch_reach", episodes=2, batch_size=2, videos=1,
                                  out=tmp_path))
