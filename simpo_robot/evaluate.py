@@ -53,6 +53,9 @@ class EvalConfig:
     """The policy's sampler steps (default: the checkpoint's)."""
     n_action_steps: int | None = None
     """Actions executed per decision, at most the chunk's length (default: the checkpoint's)."""
+    torch_threads: int = 1
+    """CPU threads for torch. Float rounding differs with the thread count and can flip a borderline episode;
+    1 is what `finetune` uses, so its before/after numbers reproduce here."""
 
     def overrides(self) -> dict[str, int]:
         """The policy config fields this evaluation changes."""
@@ -61,6 +64,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if any(v < 1 for v in self.overrides().values()):
             raise ValueError(f"num_inference_steps and n_action_steps must be >= 1, got {self.overrides()}")
+        if self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.episodes <= 0:
             raise ValueError(f"episodes must be positive, got {self.episodes}")
         if self.batch_size <= 0:
@@ -210,6 +215,7 @@ def _write_video(video_dir: Path | None, episode: int, frames: list[np.ndarray],
 def run_eval(cfg: EvalConfig) -> EvalResult:
     from simpo_robot.policy_io import load_policy
 
+    torch.set_num_threads(cfg.torch_threads)
     spec = load_task(cfg.task)
     loaded = load_policy(cfg.policy, device=cfg.device, overrides=cfg.overrides())
     out = Path(cfg.out) if cfg.out is not None else Path("outputs/eval") / spec.name

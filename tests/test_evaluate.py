@@ -64,6 +64,21 @@ def test_eval_overrides_the_executed_actions_and_sampler_steps(policy: Path, tmp
         EvalConfig(n_action_steps=0)
 
 
+def test_eval_runs_on_the_threads_finetune_uses(policy: Path, tmp_path: Path):
+    import torch
+
+    assert EvalConfig().torch_threads == 1  # finetune's default: its before/after numbers reproduce in eval
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_eval(EvalConfig(policy=str(policy), task="fetch_reach", episodes=1, batch_size=1, out=tmp_path))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="torch_threads"):
+        EvalConfig(torch_threads=0)
+
+
 def test_videos(policy: Path, tmp_path: Path):
     result = run_eval(EvalConfig(policy=str(policy), task="fetch_reach", episodes=2, batch_size=2, videos=1,
                                  out=tmp_path))
