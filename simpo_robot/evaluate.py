@@ -7,7 +7,9 @@ Writes `OUT/eval_info.json` with LeRobot's keys (`lerobot-eval` writes the same)
 
 plus `pc_success_ci95` (Wilson interval, percent), `n_episodes`, `task`, `policy` and `video_paths`.
 Episode i is reset with seed `seed + i`; diffusion sampling noise is seeded per batch from the same seed,
-so the same command gives the same result. An episode succeeds when `info[success_key]` is true at its
+so the same command gives the same result. `noise_scale` scales the sampler's initial noise x_T (1: the policy as
+trained; 0: every chunk starts from x_T = 0, a deterministic policy with DDIM or flow sampling, as RL evaluates
+SAC's mean action). An episode succeeds when `info[success_key]` is true at its
 last step (termination or truncation), as in `lerobot-eval`.
 """
 
@@ -53,6 +55,9 @@ class EvalConfig:
     """The policy's sampler steps (default: the checkpoint's)."""
     n_action_steps: int | None = None
     """Actions executed per decision, at most the chunk's length (default: the checkpoint's)."""
+    noise_scale: float = 1.0
+    """Scale of the sampler's initial noise x_T. 1 samples the policy as trained; 0 makes a DDIM or flow policy
+    deterministic (each chunk from x_T = 0), as RL evaluates SAC's mean action."""
     torch_threads: int = 1
     """CPU threads for torch. Float rounding differs with the thread count and can flip a borderline episode;
     1 is what `finetune` uses, so its before/after numbers reproduce here."""
@@ -64,6 +69,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if any(v < 1 for v in self.overrides().values()):
             raise ValueError(f"num_inference_steps and n_action_steps must be >= 1, got {self.overrides()}")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale >= 0):
+            raise ValueError(f"noise_scale must be a finite number >= 0, got {self.noise_scale}")
         if self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.episodes <= 0:
@@ -135,16 +142,21 @@ def evaluate_policy(
     videos: int = 0,
     video_dir: Path | None = None,
     on_step: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+    noise_scale: float = 1.0,
+    noise_seed: int | None = None,
 ) -> EvalResult:
     """Roll `loaded` (a `LoadedPolicy`) out for `episodes` episodes of `spec`, seeds `seed + i`.
 
     `on_step(first, obs)`, if given, sees each batch's observations (episodes first, first + 1, ...) after the
-    reset and after every step: a way to measure more than success along the same rollouts."""
+    reset and after every step: a way to measure more than success along the same rollouts. The sampling noise of
+    each batch is seeded from `noise_seed` (default `seed`) + its first episode, so the same episodes can be
+    replayed with other noise draws."""
     from rich.progress import Progress
 
     check_policy_fits_task(loaded.config, spec)
     policy, pre, post = loaded.policy, loaded.preprocessor, loaded.postprocessor
     policy.eval()
+    chunk_shape = (policy.config.horizon, policy.config.action_feature.shape[0])
     results: list[EpisodeResult] = []
     video_paths: list[str] = []
     start = time.time()
@@ -155,7 +167,7 @@ def evaluate_policy(
             n_video = max(0, min(videos - first, n))
             env = make_vec_env(spec, n, render_mode="rgb_array" if n_video else None)
             seeds = [seed + first + i for i in range(n)]
-            torch.manual_seed(seed + first)  # diffusion sampling noise
+            torch.manual_seed((seed if noise_seed is None else noise_seed) + first)  # the sampler's noise
             obs, _ = env.reset(seed=seeds)
             if on_step is not None:
                 on_step(first, obs)
@@ -167,7 +179,9 @@ def evaluate_policy(
             for t in range(spec.max_episode_steps):
                 batch = {k: torch.from_numpy(v) for k, v in obs.items()}
                 with torch.inference_mode():
-                    action = post(policy.select_action(pre(batch)))
+                    # At scale 1 the policy draws its own noise (the same RNG stream as without this option).
+                    noise = None if noise_scale == 1.0 else noise_scale * torch.randn(n, *chunk_shape)
+                    action = post(policy.select_action(pre(batch), noise=noise))
                 obs, reward, term, trunc, info = env.step(action.numpy())
                 if on_step is not None:
                     on_step(first, obs)
@@ -220,18 +234,19 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     loaded = load_policy(cfg.policy, device=cfg.device, overrides=cfg.overrides())
     out = Path(cfg.out) if cfg.out is not None else Path("outputs/eval") / spec.name
     try:
-        result = evaluate_policy(loaded, spec, cfg.episodes, cfg.seed, cfg.batch_size, cfg.videos, out / "videos")
+        result = evaluate_policy(loaded, spec, cfg.episodes, cfg.seed, cfg.batch_size, cfg.videos, out / "videos",
+                                 noise_scale=cfg.noise_scale)
     except RuntimeError as exc:
         if "EGL" in str(exc) or "GL" in str(exc):
             raise SimpoRobotError(f"rendering failed ({exc}); set MUJOCO_GL=egl (or osmesa) for --videos.") from exc
         raise
     out.mkdir(parents=True, exist_ok=True)
-    info = result.to_eval_info(task=spec.name, policy=str(cfg.policy), seed=cfg.seed)
+    info = result.to_eval_info(task=spec.name, policy=str(cfg.policy), seed=cfg.seed, noise_scale=cfg.noise_scale)
     (out / "eval_info.json").write_text(json.dumps(info, indent=2))
     lo, hi = result.ci95
     k = sum(e.success for e in result.per_episode)
     message = (f"{spec.name}: success {100 * result.success_rate:.1f}% ({k}/{cfg.episodes}), "
                f"95% CI [{100 * lo:.1f}, {100 * hi:.1f}]%, seeds {cfg.seed}..{cfg.seed + cfg.episodes - 1}, "
-               f"{result.eval_s:.1f}s; wrote {out / 'eval_info.json'}")
+               f"noise scale {cfg.noise_scale:g}, {result.eval_s:.1f}s; wrote {out / 'eval_info.json'}")
     log.info(message)
     return result

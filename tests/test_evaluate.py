@@ -7,6 +7,7 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+import numpy as np
 import pytest
 
 from simpo_robot.cli import main
@@ -62,6 +63,32 @@ def test_eval_overrides_the_executed_actions_and_sampler_steps(policy: Path, tmp
     assert load_policy(policy, overrides=cfg.overrides()).policy.config.n_action_steps == 2
     with pytest.raises(ValueError, match=">= 1"):
         EvalConfig(n_action_steps=0)
+
+
+def test_noise_scale_zero_is_deterministic_and_one_is_the_policy_as_sampled(policy: Path, tmp_path: Path):
+    spec = load_task("fetch_reach")
+    loaded = load_policy(policy)
+
+    def rollout(noise_scale: float, noise_seed: int) -> tuple[list, list[np.ndarray]]:
+        """The same episodes (env seeds 7, 8) with the sampler's noise seeded from `noise_seed`."""
+        seen: list[np.ndarray] = []
+        result = evaluate_policy(loaded, spec, 2, seed=7, batch_size=2, noise_scale=noise_scale, noise_seed=noise_seed,
+                                 on_step=lambda first, obs: seen.append(obs["observation.state"].copy()))
+        return result.per_episode, seen
+
+    as_sampled = evaluate_policy(loaded, spec, 2, seed=7, batch_size=2).per_episode
+    assert rollout(1.0, 7)[0] == as_sampled  # scale 1: the policy's own noise, the same RNG stream as before
+    moved = lambda a, b: any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))  # noqa: E731
+    assert moved(rollout(1.0, 7)[1], rollout(1.0, 100)[1])  # other noise, other trajectories...
+    assert not moved(rollout(0.0, 7)[1], rollout(0.0, 100)[1])  # ...but at scale 0 the noise is not used
+    assert moved(rollout(0.0, 7)[1], rollout(1.0, 7)[1])
+
+    run_eval(EvalConfig(policy=str(policy), task="fetch_reach", episodes=2, batch_size=2, out=tmp_path,
+                        noise_scale=0.0))
+    assert json.loads((tmp_path / "eval_info.json").read_text())["noise_scale"] == 0.0
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="noise_scale"):
+            EvalConfig(noise_scale=bad)
 
 
 def test_eval_runs_on_the_threads_finetune_uses(policy: Path, tmp_path: Path):
