@@ -91,6 +91,21 @@ def test_batched_inference_equals_one_by_one(bundle):
         np.testing.assert_allclose(result.actions, engine.infer(obs, seed=seed).actions, atol=1e-5, rtol=0)
 
 
+def test_noise_scale_scales_the_initial_sample_only(bundle):
+    engine, scaled = PolicyEngine.load(bundle, "onnx"), PolicyEngine.load(bundle, "onnx", noise_scale=0.5)
+    full, half = engine.draw_noise(np.random.default_rng(3)), scaled.draw_noise(np.random.default_rng(3))
+    np.testing.assert_array_equal(half.initial, 0.5 * full.initial)  # the same draws, x_T scaled
+    np.testing.assert_array_equal(half.steps, full.steps)  # a DDPM sampler's per-step noise as drawn
+    obs = _observation(0)
+    explicit = scaled.infer(obs, noise=full).actions  # explicit noise is used as given
+    np.testing.assert_allclose(explicit, engine.infer(obs, seed=3).actions, atol=1e-6, rtol=0)
+    assert not np.allclose(scaled.infer(obs, seed=3).actions, engine.infer(obs, seed=3).actions, atol=1e-3)
+    np.testing.assert_allclose(scaled.infer(obs, noise=half).actions, scaled.infer(obs, seed=3).actions, atol=1e-6)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(SimpoRobotError, match="noise_scale"):
+            PolicyEngine.load(bundle, "onnx", noise_scale=bad)
+
+
 def test_ddim_tables_match_diffusers_step():
     """One DDIM step from the tables equals DDIMScheduler.step (epsilon, clipped) on arange-based inputs."""
     from diffusers.schedulers.scheduling_ddim import DDIMScheduler

@@ -230,14 +230,15 @@ def test_several_clients_at_once(which, request, reference):
     assert failures == []
 
 
-def test_sigterm_shuts_down_gracefully(bundle, reference):
+def test_sigterm_shuts_down_gracefully(bundle):
+    """Through the command line, with --noise_scale (the served chunks are those of an engine at that scale)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "simpo_robot", "serve", "--bundle", str(bundle), "--port", str(port),
-         "--backend", "onnx"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+         "--backend", "onnx", "--noise_scale", "0.5"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         url = f"ws://127.0.0.1:{port}"
@@ -250,14 +251,15 @@ def test_sigterm_shuts_down_gracefully(bundle, reference):
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
                 time.sleep(0.2)
-        expected = reference.infer(_observation(0), seed=0).actions
+        expected = PolicyEngine.load(bundle, "onnx", noise_scale=0.5).infer(_observation(0), seed=0).actions
         np.testing.assert_allclose(client.infer(_observation(0), seed=0).actions, expected, atol=1e-5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         with pytest.raises(ConnectionClosed) as info:
             client.infer(_observation(0))
         assert info.value.rcvd is not None and info.value.rcvd.code == 1001
-        assert "stopped after 1 request" in proc.stdout.read()
+        output = proc.stdout.read()
+        assert "stopped after 1 request" in output and "noise scale 0.5" in output
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -272,6 +274,12 @@ def test_robot_kit_is_the_client_and_needs_no_torch():
     )
     code = "import sys, simpo_client; assert 'torch' not in sys.modules and 'simpo_robot' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=kit.parent, check=True, timeout=60)
+
+
+def test_serve_config_rejects_a_bad_noise_scale(bundle):
+    for bad in (-0.1, float("inf")):
+        with pytest.raises(ValueError, match="noise_scale"):
+            ServeConfig(bundle=bundle, noise_scale=bad)
 
 
 def test_client_limit_and_inference_failure(bundle, reference):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -194,11 +194,17 @@ class PolicyEngine:
     """The sampler's network: a noise predictor (diffusion) or a velocity field (flow), torch or ONNX."""
     tables: SamplerTables | None = field(repr=False)
     """The diffusion step tables; None for a flow policy (Euler steps need only K)."""
+    noise_scale: float = 1.0
+    """Scale of the drawn initial sample x_T (`simpo-robot eval --noise_scale`): 1 is the policy as trained; 0 makes
+    DDIM and flow sampling deterministic. Noise passed to `infer` explicitly is used as given."""
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, backend: Backend = "torch", onnx_threads: int = 1) -> PolicyEngine:
+    def load(cls, bundle_dir: str | Path, backend: Backend = "torch", onnx_threads: int = 1,
+             noise_scale: float = 1.0) -> PolicyEngine:
         from simpo_robot.policy_io import load_policy
 
+        if not (np.isfinite(noise_scale) and noise_scale >= 0):
+            raise SimpoRobotError(f"noise_scale must be a finite number >= 0, got {noise_scale}")
         bundle_dir = Path(bundle_dir)
         manifest = BundleManifest.read(bundle_dir)
         loaded = load_policy(bundle_dir, device="cpu")
@@ -224,6 +230,7 @@ class PolicyEngine:
             backend=backend,
             network=network,
             tables=None if flow else make_tables(manifest.sampler),
+            noise_scale=noise_scale,
         )
 
     def validate(self, observation: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -259,7 +266,8 @@ class PolicyEngine:
         """The initial sample (B, H, Da) and, for DDPM, the per-step noise (a flow sampler needs none after x_0)."""
         m = self.manifest
         steps = 0 if self.tables is None else len(self.tables.timesteps)
-        return SamplerNoise.draw(rng, batch, m.horizon, m.action_dim, steps)
+        noise = SamplerNoise.draw(rng, batch, m.horizon, m.action_dim, steps)  # the same draws at any scale
+        return noise if self.noise_scale == 1.0 else replace(noise, initial=self.noise_scale * noise.initial)
 
     def global_conditioning(self, batch: dict[str, Any]) -> np.ndarray:
         """Normalised batch (B, T, ...) tensors -> (B, C) float32, exactly as the policy's own model builds it."""

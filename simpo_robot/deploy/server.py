@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import signal
 import threading
 import time
@@ -66,6 +67,9 @@ class ServeConfig:
     """On SIGTERM, how long requests in flight may take to finish."""
     max_batch: int = 8
     """Most requests run in one pass of the network (1: one request at a time)."""
+    noise_scale: float = 1.0
+    """Scale of the sampler's initial noise x_T: 1 is the policy as trained; 0 makes DDIM and flow policies
+    deterministic (`simpo-robot eval --noise_scale` measures what it does to success)."""
     inference: str = "inline"
     """Where passes run: "inline" (on the event loop, lowest latency) or "thread" (a dedicated thread,
     for passes long enough that the loop should keep answering meanwhile)."""
@@ -81,6 +85,8 @@ class ServeConfig:
         for name in ("max_message_bytes", "max_clients", "threads", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale >= 0):
+            raise ValueError(f"--noise_scale must be a finite number >= 0, got {self.noise_scale}")
         for name in ("idle_timeout_s", "open_timeout_s", "shutdown_grace_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -141,8 +147,8 @@ class PolicyServer:
             ) as server:
                 self.port = server.sockets[0].getsockname()[1]
                 log.info(
-                    "serving %s (%s backend) on ws://%s:%d", self.engine.manifest.policy_name,
-                    self.engine.backend, cfg.host, self.port,
+                    "serving %s (%s backend, noise scale %g) on ws://%s:%d", self.engine.manifest.policy_name,
+                    self.engine.backend, self.engine.noise_scale, cfg.host, self.port,
                 )
                 if on_ready is not None:
                     on_ready(self.port)
@@ -321,7 +327,8 @@ def run_serve(cfg: ServeConfig) -> None:
         raise SimpoRobotError(f"bundle {cfg.bundle} does not exist; make one with `simpo-robot export`.")
     set_threads(cfg.threads)
     logging.getLogger("websockets").setLevel(logging.WARNING)  # per-connection open/close lines: ours say more
-    engine = PolicyEngine.load(cfg.bundle, backend=cfg.backend, onnx_threads=cfg.threads)  # type: ignore[arg-type]
+    engine = PolicyEngine.load(cfg.bundle, backend=cfg.backend, onnx_threads=cfg.threads,  # type: ignore[arg-type]
+                               noise_scale=cfg.noise_scale)
     warm = engine.infer(_zeros_observation(engine), seed=0)  # load kernels now, not on the first robot request
     log.info("warm-up inference: %.1f ms", warm.timing.total_ms)
 
