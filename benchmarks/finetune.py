@@ -159,28 +159,28 @@ def report(runs: list[dict], args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = ["| task | algorithm | seeds | env steps | success before (%) | success after (%) | wall (min) | "
-            "peak RSS (MB) | env steps/s (train / raw sim) |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| task | algorithm | extra flags | seeds | env steps | success before (%) | success after (%) | wall (min) | "
+            "peak RSS (MB) | env steps/s (train / raw sim) |", "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["task"], r.get("policy_type", "diffusion"), r["algo"], r["weighting"], r["negative_bound"],
-                           r["env_steps"]), []).append(r)
+                           r["env_steps"], r.get("finetune_args", "")), []).append(r)
     tasks = sorted({g[0] for g in groups})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
-    for (task, kind, algo, weighting, bound, steps), rs in sorted(groups.items(), key=str):
+    for (task, kind, algo, weighting, bound, steps, extra), rs in sorted(groups.items(), key=str):
         label = f"simpo {weighting} (b={bound:g})" if algo == "simpo" else algo
         label += " [flow]" if kind == "flow" else ""
         before = [r["pc_success_before"] for r in rs]
         after = [r["pc_success_after"] for r in rs]
         rows.append(
-            f"| {task} | {label} | {len(rs)} | {steps} | {np.mean(before):.1f} | "
+            f"| {task} | {label} | {f'`{extra}`' if extra else ''} | {len(rs)} | {steps} | {np.mean(before):.1f} | "
             f"{np.mean(after):.1f} ± {np.std(after):.1f} | {np.mean([r['wall_s'] for r in rs]) / 60:.1f} | "
             f"{max(r['peak_rss_mb'] for r in rs):.0f} | "
             f"{np.mean([r['env_steps_per_s'] for r in rs]):.0f} / {np.mean([r['raw_sim_steps_per_s'] for r in rs]):.0f} |")
         ax = axes[0][tasks.index(task)]
         curve = np.array(rs[0]["curve"])
         ax.plot(curve[:, 0], np.mean([np.array(r["curve"])[:, 1] for r in rs if len(r["curve"]) == len(curve)], 0),
-                marker="o", label=label)
+                marker="o", label=f"{label} {extra}".strip())
         ax.set_title(task)
         ax.set_xlabel("env steps")
         ax.set_ylabel("success (%)")
