@@ -26,8 +26,9 @@ from simpo_robot.deploy.client import (
     unpack,
 )
 from simpo_robot.deploy.export import ExportConfig, run_export
-from simpo_robot.deploy.server import BackgroundServer, ServeConfig
+from simpo_robot.deploy.server import BackgroundServer, ServeConfig, run_serve
 from simpo_robot.deploy.testing import save_tiny_policy
+from simpo_robot.errors import SimpoRobotError
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 64 * 1024
@@ -276,10 +277,10 @@ def test_robot_kit_is_the_client_and_needs_no_torch():
     subprocess.run([sys.executable, "-c", code], cwd=kit.parent, check=True, timeout=60)
 
 
-def test_serve_config_rejects_a_bad_noise_scale(bundle):
+def test_serve_rejects_a_bad_noise_scale_before_listening(bundle):
     for bad in (-0.1, float("inf")):
-        with pytest.raises(ValueError, match="noise_scale"):
-            ServeConfig(bundle=bundle, noise_scale=bad)
+        with pytest.raises(SimpoRobotError, match="noise_scale"):
+            run_serve(ServeConfig(bundle=bundle, port=0, noise_scale=bad))
 
 
 def test_client_limit_and_inference_failure(bundle, reference):

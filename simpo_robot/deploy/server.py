@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import signal
 import threading
 import time
@@ -69,7 +68,7 @@ class ServeConfig:
     """Most requests run in one pass of the network (1: one request at a time)."""
     noise_scale: float = 1.0
     """Scale of the sampler's initial noise x_T: 1 is the policy as trained; 0 makes DDIM and flow policies
-    deterministic (`simpo-robot eval --noise_scale` measures what it does to success)."""
+    deterministic (`simpo-robot eval --noise_scale` measures what it does to success). `PolicyEngine.load` checks it."""
     inference: str = "inline"
     """Where passes run: "inline" (on the event loop, lowest latency) or "thread" (a dedicated thread,
     for passes long enough that the loop should keep answering meanwhile)."""
@@ -85,8 +84,6 @@ class ServeConfig:
         for name in ("max_message_bytes", "max_clients", "threads", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.noise_scale) and self.noise_scale >= 0):
-            raise ValueError(f"--noise_scale must be a finite number >= 0, got {self.noise_scale}")
         for name in ("idle_timeout_s", "open_timeout_s", "shutdown_grace_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
