@@ -115,10 +115,7 @@ def measure_success(policies: dict[str, Path], steps: list[int], episodes: int) 
     rows = []
     for policy_type, folder in policies.items():
         for k in steps:
-            loaded = load_policy(folder)
-            loaded.config.num_inference_steps = k
-            if policy_type == "diffusion":  # DiffusionModel reads the step count once, at construction
-                loaded.policy.diffusion.num_inference_steps = k
+            loaded = load_policy(folder, overrides={"num_inference_steps": k})  # set before the model is built
             result = evaluate_policy(loaded, spec, episodes, seed=1000)
             lo, hi = result.ci95
             rows.append(SuccessRow(policy_type, k, episodes, 100 * result.success_rate, (100 * lo, 100 * hi)))
