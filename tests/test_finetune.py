@@ -209,6 +209,52 @@ def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tiny_push, tmp
         load_run(tmp_path / "nothing")
 
 
+def test_final_evaluation_also_measures_the_deterministic_policy(tiny_push, tmp_path, monkeypatch):
+    import simpo_robot.evaluate as evaluate_module
+    from simpo_robot.evaluate import evaluate_policy
+    from simpo_robot.tasks import load_task
+
+    calls = []  # (noise scale, the evaluated policy's weights)
+
+    def spy(loaded, *args, noise_scale=1.0, **kwargs):
+        calls.append((noise_scale, {k: v.clone() for k, v in loaded.policy.state_dict().items()}))
+        return evaluate_policy(loaded, *args, noise_scale=noise_scale, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_policy", spy)
+    out = tmp_path / "run"
+    _run(tiny_push, out, 100)
+    base = load_policy(tiny_push).policy.state_dict()
+    final = load_policy(out / "final")
+    assert [scale for scale, _ in calls] == [1.0, 0.0, 1.0, 0.0]  # before, before at x_T = 0, after, after
+    assert all(torch.equal(calls[1][1][k], base[k]) for k in base)
+    assert all(torch.equal(calls[3][1][k], final.policy.state_dict()[k]) for k in base)
+    summary = json.loads((out / "summary.json").read_text())
+    info = json.loads((out / "final" / "training_info.json").read_text())
+    assert info["success_after_deterministic"]["pc_success"] == summary["pc_success_deterministic_after"]
+    assert info["success_before_deterministic"]["n_episodes"] == 1
+    # eval_info_deterministic.json is what `simpo-robot eval --noise_scale 0` measures on the saved policy
+    written = json.loads((out / "eval_info_deterministic.json").read_text())
+    again = evaluate_policy(final, load_task("fetch_push"), 1, 1000, noise_scale=0.0)
+    assert written["noise_scale"] == 0.0
+    assert written["per_episode"][0]["sum_reward"] == pytest.approx(again.per_episode[0].sum_reward, abs=1e-9)
+
+    # a checkpoint of an older version (no deterministic "before") resumes and measures the base policy then
+    state_file = out / "checkpoints" / "last" / "trainer_rank0.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["before_deterministic"]
+    torch.save(state, state_file)
+    calls.clear()
+    _run(tiny_push, out, 200, "--resume", str(out))
+    assert [scale for scale, _ in calls] == [0.0, 1.0, 0.0]  # the base policy at x_T = 0, then after, after at 0
+    assert all(torch.equal(calls[0][1][k], base[k]) for k in base)
+    # and without --deterministic-eval, only the sampled policy is measured
+    calls.clear()
+    _run(tiny_push, tmp_path / "plain", 100, "--deterministic-eval", "false")
+    assert [scale for scale, _ in calls] == [1.0, 1.0]
+    assert "pc_success_deterministic_after" not in json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert not (tmp_path / "plain" / "eval_info_deterministic.json").exists()
+
+
 def test_resume_refuses_a_different_command_and_a_missing_checkpoint(tiny_push, tmp_path, capsys):
     old_defaults = ("--simpo.actor-burst", "1", "--simpo.critic-reset", "false")  # before these options existed
     _run(tiny_push, tmp_path / "run", 100, *old_defaults)

@@ -141,6 +141,7 @@ def policy(tmp_path_factory):
         "env_steps": 20000,
         "success_before": {"pc_success": 42.0, "n_episodes": 100, "first_seed": 1000, "ci95": [32.8, 51.8]},
         "success_after": {"pc_success": 81.0, "n_episodes": 100, "first_seed": 1000, "ci95": [72.2, 87.5]},
+        "success_after_deterministic": {"pc_success": 88.0, "n_episodes": 100, "first_seed": 1000},
         "learning_curve": "learning_curve.png",
     }))
     return folder
@@ -168,8 +169,10 @@ def test_dry_run_writes_the_card_and_the_lerobot_layout(policy, tmp_path):
     assert {"lerobot", "robotics", "diffusion", "fetch_push", "simpo"} <= set(header["tags"])
     for text in ("| task | fetch_push |", "| algorithm | simpo |", "tanh (negative_bound=-0.5)",
                  "42.0% (95% CI 32.8-51.8) over 100 episodes, seeds 1000-1099",
-                 "81.0% (95% CI 72.2-87.5) over 100 episodes, seeds 1000-1099", "![learning curve](learning_curve.png)"):
+                 "81.0% (95% CI 72.2-87.5) over 100 episodes, seeds 1000-1099", "![learning curve](learning_curve.png)",
+                 "| success after, deterministic (x_T = 0) | 88.0% over 100 episodes, seeds 1000-1099 |"):
         assert text in card, text
+    assert "before, deterministic" not in card  # not recorded: no row
 
 
 def test_card_without_training_info(tmp_path):

@@ -25,6 +25,8 @@ writes. Its schema (every field optional; without the file the card says what is
                          "ci95": [32.8, 51.8]},       # base policy, same episodes as after;
                                                       #   episode i resets with seed first_seed + i
       "success_after":  {"pc_success": 81.0, "n_episodes": 100, "first_seed": 1000, "ci95": [72.2, 87.5]},
+      "success_before_deterministic": {...},          # the same, with the sampler started from x_T = 0
+      "success_after_deterministic": {...},           #   (`simpo-robot serve --noise_scale 0`)
       "learning_curve": "learning_curve.png"          # an image in the policy folder
     }
 """
@@ -127,6 +129,8 @@ class TrainingInfo:
     control_hz: float | None = None
     success_before: SuccessRecord | None = None
     success_after: SuccessRecord | None = None
+    success_before_deterministic: SuccessRecord | None = None
+    success_after_deterministic: SuccessRecord | None = None
     learning_curve: str | None = None
 
     @classmethod
@@ -149,7 +153,7 @@ class TrainingInfo:
             if unknown:
                 log.warning("%s: ignoring unknown fields %s", file, unknown)
             raw = {k: v for k, v in raw.items() if k in known}
-            for key in ("success_before", "success_after"):
+            for key in ("success_before", "success_after", "success_before_deterministic", "success_after_deterministic"):
                 if raw.get(key) is not None:
                     raw[key] = SuccessRecord(**raw[key])
             return cls(**raw)
@@ -210,6 +214,10 @@ def model_card(config: dict[str, Any], info: TrainingInfo | None, repo_id: str, 
         f"| fine-tuning env steps | {info.env_steps if info.env_steps is not None else unknown} |",
         f"| success before | {before} |",
         f"| success after | {after} |",
+        *([f"| success before, deterministic (x_T = 0) | {info.success_before_deterministic.describe()} |"]
+          if info.success_before_deterministic else []),
+        *([f"| success after, deterministic (x_T = 0) | {info.success_after_deterministic.describe()} |"]
+          if info.success_after_deterministic else []),
         f"| observations | {features or unknown} |",
         f"| action chunk | {config.get('n_action_steps', '?')} of horizon {config.get('horizon', '?')}, {sampler} |",
         "",
