@@ -86,3 +86,31 @@ def test_dppo_cli_end_to_end(tiny_push, tmp_path):
     before = load_policy(tiny_push).policy.state_dict()
     after = load_policy(out / "final").policy.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ppo_ratio_is_one_before_any_update(tiny_push):
+    """The log-densities the update recomputes from the stored chains equal those recorded while acting."""
+    from simpo_robot.rl.actor import DiffusionActor
+    from simpo_robot.rl.agent import ChunkBatch
+    from simpo_robot.rl.dppo import DppoAgent, DppoConfig
+    from simpo_robot.rl.replay import Transition
+
+    for ft in (10, 4):  # every denoising step fine-tuned, and only the last 4 (the first 6 from a frozen copy)
+        actor = DiffusionActor(load_policy(tiny_push).policy)
+        cfg = DppoConfig(n_steps=2, epochs=1, minibatch_size=10_000, ft_denoising_steps=ft)
+        agent = DppoAgent(cfg, 0.99, actor, obs_dim=2 * 28, device=torch.device("cpu"))
+        gen = torch.Generator().manual_seed(0)
+        envs = 3
+        for _ in range(cfg.n_steps):
+            state, env_state = torch.randn(envs, 2, 10, generator=gen), torch.randn(envs, 2, 18, generator=gen)
+            chunk, extras = agent.act(actor.global_cond(state, env_state), gen)
+            tr = Transition(state, env_state, chunk, torch.randn(envs, generator=gen), torch.ones(envs),
+                            torch.randn(envs, 2, 10, generator=gen), torch.randn(envs, 2, 18, generator=gen))
+            agent.observe(ChunkBatch(tr, torch.ones(envs, dtype=torch.bool), torch.zeros(envs, dtype=torch.bool),
+                                     torch.ones(envs), extras), gen)
+        assert extras["logprob"].shape == (envs, ft)
+        # one minibatch holding every (chunk, step) pair, and no optimiser step: the ratio must be exactly 1
+        metrics = agent.update(lambda loss, optimizer, module: True, lambda x: x, gen, torch.Generator().manual_seed(0),
+                               lambda m: m, 0)
+        assert metrics["dppo/clip_frac"] == 0.0
+        assert metrics["dppo/approx_kl"] == pytest.approx(0.0, abs=1e-6)
