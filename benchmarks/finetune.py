@@ -4,16 +4,20 @@
     .venv/bin/python benchmarks/finetune.py --tasks fetch_push --algos simpo-linear --seeds 0 --env-steps 20000
     .venv/bin/python benchmarks/finetune.py --tasks fetch_push --policy-types flow --algos simpo-linear simpo-exp
     .venv/bin/python benchmarks/finetune.py --tasks fetch_push --algos simpo-linear --seeds 0 --env-steps 300000 --extend
+    .venv/bin/python benchmarks/finetune.py --tasks fetch_push --measure-deterministic   # for runs recorded without it
 
 Each run is `simpo-robot finetune` in its own process (its peak RSS, children included, is sampled with
 psutil), from pretrained/<task> (diffusion) or pretrained/<task>-flow (flow; SiMPO only), with the success curve every --eval-every env steps. The raw simulator's
 env steps per second on the same vectorised envs are measured in the same invocation, so the ratio of
 fine-tuning to simulator throughput compares like with like. Results merge into
 benchmarks/results/finetune.json (a rerun of a (task, algo, weighting, bound, seed) replaces it); the table
-and a plot go to BENCHMARKS.md (section "finetune").
+and a plot go to BENCHMARKS.md (section "finetune"). Runs also record success with the sampler started from x_T = 0
+(finetune's --deterministic-eval); --measure-deterministic adds it to recorded runs that lack it, with
+`simpo-robot eval --noise_scale 0` on the base checkpoint and on the run's final/ (the same episodes).
 """
 
 import argparse
+import functools
 import json
 import shlex
 import subprocess
@@ -58,10 +62,14 @@ def raw_sim_steps_per_s(task: str, num_envs: int, steps: int = 400) -> float:
 POLICY_SUFFIX = {"diffusion": "", "flow": "-flow"}
 
 
+def run_dir(task: str, policy_type: str, name: str, seed: int) -> Path:
+    return ROOT / "outputs" / "benchmarks" / f"{task + POLICY_SUFFIX[policy_type]}-{name}-s{seed}"
+
+
 def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
     algo, weighting, bound = ALGOS[name]
     policy = task + POLICY_SUFFIX[policy_type]
-    out = ROOT / "outputs" / "benchmarks" / f"{policy}-{name}-s{seed}"
+    out = run_dir(task, policy_type, name, seed)
     cmd = [sys.executable, "-m", "simpo_robot", "finetune", "--policy", str(ROOT / "pretrained" / policy),
            "--task", task, "--algo", algo, "--env-steps", str(args.env_steps), "--seed", str(seed),
            "--num-envs", str(args.num_envs), "--eval-every", str(args.eval_every),
@@ -105,7 +113,37 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
         "env_steps_per_s": summary["env_steps_per_s"], "num_envs": args.num_envs,
         "final_eval_episodes": args.final_eval_episodes,
         "finetune_args": previous["finetune_args"] if previous else args.finetune_args,
+        **{k: summary[k] for k in ("pc_success_deterministic_before", "pc_success_deterministic_after") if k in summary},
     }
+
+
+@functools.cache  # the base checkpoint is shared by the runs of one task
+def deterministic_success(policy: Path, task: str, episodes: int, num_inference_steps: int | None) -> float:
+    """Success (%) of `simpo-robot eval --noise_scale 0` on the fine-tuning runs' evaluation episodes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "simpo_robot", "eval", "--policy", str(policy), "--task", task,
+               "--episodes", str(episodes), "--seed", "1000", "--noise_scale", "0", "--out", tmp]
+        cmd += ["--num_inference_steps", str(num_inference_steps)] if num_inference_steps else []
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return json.loads((Path(tmp) / "eval_info.json").read_text())["aggregated"]["pc_success"]
+
+
+def measure_deterministic(run: dict) -> dict:
+    """The recorded run with its deterministic success before and after (from its final/ folder)."""
+    name = next(n for n, (a, w, b) in ALGOS.items() if (a, w, b) == (run["algo"], run["weighting"], run["negative_bound"]))
+    kind = run.get("policy_type", "diffusion")
+    final = run_dir(run["task"], kind, name, run["seed"]) / "final"
+    info_file = final / "training_info.json"
+    if not info_file.is_file() or json.loads(info_file.read_text())["env_steps"] != run["env_steps"]:
+        raise SystemExit(f"{final} is not the recorded run's ({run['env_steps']} env steps); rerun it instead")
+    # the base checkpoint with the sampler the run acted with (finetune --num-inference-steps is saved in final/)
+    steps = json.loads((final / "config.json").read_text()).get("num_inference_steps")
+    base = ROOT / "pretrained" / (run["task"] + POLICY_SUFFIX[kind])
+    episodes = run["final_eval_episodes"]
+    return run | {"pc_success_deterministic_before": deterministic_success(base, run["task"], episodes, steps),
+                  "pc_success_deterministic_after": deterministic_success(final, run["task"], episodes, steps)}
 
 
 def key(run: dict) -> tuple:
@@ -126,6 +164,8 @@ def main() -> None:
     parser.add_argument("--final-eval-episodes", type=int, default=100)
     parser.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from the JSON")
     parser.add_argument("--finetune-args", default="", help="more flags for every run, e.g. '--simpo.actor-starts 20000'")
+    parser.add_argument("--measure-deterministic", action="store_true",
+                        help="measure the deterministic success (x_T = 0) of the selected recorded runs that lack it")
     parser.add_argument("--extend", action="store_true",
                         help="continue the recorded runs from their last checkpoints up to --env-steps (--resume); "
                              "wall time adds up, the curve goes on")
@@ -136,6 +176,20 @@ def main() -> None:
     runs = {key(r): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
     args.previous = runs
     if args.report_only:
+        report(list(runs.values()), args)
+        return
+    if args.measure_deterministic:
+        selected = {ALGOS[n] for n in args.algos}
+        for k, run in list(runs.items()):
+            if (run["task"] in args.tasks and run.get("policy_type", "diffusion") in args.policy_types
+                    and run["seed"] in args.seeds and (run["algo"], run["weighting"], run["negative_bound"]) in selected
+                    and run["env_steps"] >= args.env_steps and "pc_success_deterministic_after" not in run):
+                run = measure_deterministic(run)
+                print(f"{k}: deterministic {run['pc_success_deterministic_before']:.1f}% -> "
+                      f"{run['pc_success_deterministic_after']:.1f}%", flush=True)
+                runs = {key(r): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
+                runs[k] = run
+                path.write_text(json.dumps({"runs": list(runs.values())}, indent=2))
         report(list(runs.values()), args)
         return
     raw = {task: raw_sim_steps_per_s(task, args.num_envs) for task in args.tasks}
@@ -159,8 +213,9 @@ def report(runs: list[dict], args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = ["| task | algorithm | extra flags | seeds | env steps | success before (%) | success after (%) | wall (min) | "
-            "peak RSS (MB) | env steps/s (train / raw sim) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| task | algorithm | extra flags | seeds | env steps | success before (%) | success after (%) | "
+            "deterministic before -> after (%) | wall (min) | peak RSS (MB) | env steps/s (train / raw sim) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["task"], r.get("policy_type", "diffusion"), r["algo"], r["weighting"], r["negative_bound"],
@@ -172,9 +227,13 @@ def report(runs: list[dict], args) -> None:
         label += " [flow]" if kind == "flow" else ""
         before = [r["pc_success_before"] for r in rs]
         after = [r["pc_success_after"] for r in rs]
+        measured = [r for r in rs if "pc_success_deterministic_after" in r]
+        deterministic = (f"{np.mean([r['pc_success_deterministic_before'] for r in measured]):.1f} -> "
+                         f"{np.mean([r['pc_success_deterministic_after'] for r in measured]):.1f}"
+                         + (f" ({len(measured)} of {len(rs)} seeds)" if len(measured) < len(rs) else "")) if measured else "-"
         rows.append(
             f"| {task} | {label} | {f'`{extra}`' if extra else ''} | {len(rs)} | {steps} | {np.mean(before):.1f} | "
-            f"{np.mean(after):.1f} ± {np.std(after):.1f} | {np.mean([r['wall_s'] for r in rs]) / 60:.1f} | "
+            f"{np.mean(after):.1f} ± {np.std(after):.1f} | {deterministic} | {np.mean([r['wall_s'] for r in rs]) / 60:.1f} | "
             f"{max(r['peak_rss_mb'] for r in rs):.0f} | "
             f"{np.mean([r['env_steps_per_s'] for r in rs]):.0f} / {np.mean([r['raw_sim_steps_per_s'] for r in rs]):.0f} |")
         ax = axes[0][tasks.index(task)]
@@ -191,7 +250,8 @@ def report(runs: list[dict], args) -> None:
             f"Command (the last invocation; the table has every run in `benchmarks/results/finetune.json`, "
             f"each with its own flags): `.venv/bin/python {' '.join(sys.argv)}`\nMachine: {machine()}\nDate: {today()}\n\n"
             "Success is over the same evaluation episodes before and after (seeds 1000+i); curves are the "
-            "mean over seeds. `env steps/s` compares fine-tuning throughput (collection, updates and the "
+            "mean over seeds. `deterministic` is the same with every chunk sampled from x_T = 0 "
+            "(`simpo-robot eval --noise_scale 0`). `env steps/s` compares fine-tuning throughput (collection, updates and the "
             "periodic evaluations) with the vectorised simulator alone, measured in the same invocation.\n\n"
             + "\n".join(rows) + "\n\n![learning curves](benchmarks/results/finetune.png)\n")
     write_section("finetune", body)
