@@ -151,6 +151,18 @@ def key(run: dict) -> tuple:
             run["seed"])
 
 
+def load_runs(path: Path) -> dict[tuple, dict]:
+    return {key(r): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
+
+
+def save_run(path: Path, run: dict) -> dict[tuple, dict]:
+    """Record `run` (replacing its earlier version), merged with what other invocations wrote meanwhile (several
+    may run side by side); returns every recorded run."""
+    runs = load_runs(path) | {key(run): run}
+    path.write_text(json.dumps({"runs": list(runs.values())}, indent=2))
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["fetch_push", "fetch_pick_place"])
@@ -173,7 +185,7 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "finetune.json"
-    runs = {key(r): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
+    runs = load_runs(path)
     args.previous = runs
     if args.report_only:
         report(list(runs.values()), args)
@@ -187,9 +199,7 @@ def main() -> None:
                 run = measure_deterministic(run)
                 print(f"{k}: deterministic {run['pc_success_deterministic_before']:.1f}% -> "
                       f"{run['pc_success_deterministic_after']:.1f}%", flush=True)
-                runs = {key(r): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
-                runs[k] = run
-                path.write_text(json.dumps({"runs": list(runs.values())}, indent=2))
+                runs = save_run(path, run)
         report(list(runs.values()), args)
         return
     raw = {task: raw_sim_steps_per_s(task, args.num_envs) for task in args.tasks}
@@ -198,12 +208,9 @@ def main() -> None:
     for task, kind, name in grid:
         for seed in args.seeds:
             run = run_one(task, kind, name, seed, args) | {"raw_sim_steps_per_s": raw[task]}
-            # merge with what other invocations wrote meanwhile (several may run side by side)
-            runs = {key(r): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
-            runs[key(run)] = run
+            runs = save_run(path, run)
             print(f"{task} {kind} {name} seed {seed}: {run['pc_success_before']:.0f}% -> {run['pc_success_after']:.0f}% "
                   f"in {run['env_steps']} env steps, {run['wall_s']:.0f} s, {run['peak_rss_mb']:.0f} MB", flush=True)
-            path.write_text(json.dumps({"runs": list(runs.values())}, indent=2))
     report(list(runs.values()), args)
 
 

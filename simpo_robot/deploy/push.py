@@ -153,7 +153,7 @@ class TrainingInfo:
             if unknown:
                 log.warning("%s: ignoring unknown fields %s", file, unknown)
             raw = {k: v for k, v in raw.items() if k in known}
-            for key in ("success_before", "success_after", "success_before_deterministic", "success_after_deterministic"):
+            for key in (k for k in known if k.startswith("success_")):
                 if raw.get(key) is not None:
                     raw[key] = SuccessRecord(**raw[key])
             return cls(**raw)
@@ -214,10 +214,8 @@ def model_card(config: dict[str, Any], info: TrainingInfo | None, repo_id: str, 
         f"| fine-tuning env steps | {info.env_steps if info.env_steps is not None else unknown} |",
         f"| success before | {before} |",
         f"| success after | {after} |",
-        *([f"| success before, deterministic (x_T = 0) | {info.success_before_deterministic.describe()} |"]
-          if info.success_before_deterministic else []),
-        *([f"| success after, deterministic (x_T = 0) | {info.success_after_deterministic.describe()} |"]
-          if info.success_after_deterministic else []),
+        *(f"| success {when}, deterministic (x_T = 0) | {record.describe()} |" for when, record in
+          (("before", info.success_before_deterministic), ("after", info.success_after_deterministic)) if record),
         f"| observations | {features or unknown} |",
         f"| action chunk | {config.get('n_action_steps', '?')} of horizon {config.get('horizon', '?')}, {sampler} |",
         "",
