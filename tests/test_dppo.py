@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from simpo_robot.cli import main
 from simpo_robot.deploy.testing import save_tiny_policy
 from simpo_robot.policy_io import load_policy
 from simpo_robot.rl.actor import step_tables
-from simpo_robot.rl.dppo import gae, gaussian_logprob, gaussian_steps, step_mean
+from simpo_robot.rl.dppo import clip_schedule, gae, gaussian_logprob, gaussian_steps, step_logprob, step_mean
 
 
 def test_gae_hand_computed():
@@ -33,11 +34,32 @@ def test_gae_hand_computed():
 def test_gaussian_logprob_matches_torch_distributions():
     gen = torch.Generator().manual_seed(0)
     x, mean = torch.randn(5, 4, 3, generator=gen), torch.randn(5, 4, 3, generator=gen)
-    expected = torch.distributions.Normal(mean, 0.3).log_prob(x).flatten(1).sum(1)
-    torch.testing.assert_close(gaussian_logprob(x, mean, 0.3), expected)
+    torch.testing.assert_close(gaussian_logprob(x, mean, 0.3), torch.distributions.Normal(mean, 0.3).log_prob(x))
     std = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]).reshape(5, 1, 1)
-    expected = torch.distributions.Normal(mean, std).log_prob(x).flatten(1).sum(1)
-    torch.testing.assert_close(gaussian_logprob(x, mean, std), expected)
+    torch.testing.assert_close(gaussian_logprob(x, mean, std), torch.distributions.Normal(mean, std).log_prob(x))
+
+
+def test_step_logprob_averages_the_clamped_executed_actions():
+    # One sample, horizon 3, 2 action dims, std 1; actions 1..2 are executed, action 0 is not.
+    mean = torch.zeros(1, 3, 2)
+    x = torch.tensor([[[9.0, 9.0], [0.0, 1.0], [2.0, 4.0]]])
+    c = -0.5 * math.log(2 * math.pi)  # log N(0; 0, 1)
+    elems = [c, c - 0.5, c - 2.0, max(c - 8.0, -5.0)]  # the last one (z = 4) is clamped to -5
+    assert elems[-1] == -5.0
+    torch.testing.assert_close(step_logprob(x, mean, 1.0, start=1, length=2), torch.tensor([sum(elems) / 4]))
+    # the unexecuted action changes nothing; the largest value is capped at 2 (std 0.01: log-density 3.69)
+    x2 = x.clone()
+    x2[0, 0] = -3.0
+    torch.testing.assert_close(step_logprob(x2, mean, 1.0, 1, 2), step_logprob(x, mean, 1.0, 1, 2))
+    assert step_logprob(torch.zeros(1, 3, 2), mean, 0.01, 0, 3).item() == pytest.approx(2.0)
+
+
+def test_clip_schedule_grows_exponentially_from_base_to_final():
+    clips = clip_schedule(3, base=1e-3, final=1e-2, rate=3.0)
+    mid = 1e-3 + 9e-3 * (math.exp(1.5) - 1) / (math.exp(3.0) - 1)
+    torch.testing.assert_close(clips, torch.tensor([1e-3, mid, 1e-2]))
+    assert clip_schedule(1, 1e-3, 1e-2, 3.0).tolist() == pytest.approx([1e-2])
+    assert torch.all(clip_schedule(10, 1e-3, 1e-2, 3.0).diff() > 0)
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,19 @@ denoising level treats each of the K reverse steps as a Gaussian policy step
     x_{k-1} ~ N(mu_theta(x_k, k, s), sigma_k^2),   sigma_k = max(sigma_k^DDIM(eta=1), min_std)
 
 (the std is floored so that exploration and the likelihood stay well-defined, and the last step is
-stochastic too). The log-likelihood of the sampled chain is a sum of Gaussian log-densities, so PPO's
-clipped ratio objective applies per denoising step, with the chunk's advantage discounted by
-denoise_gamma^(K'-1-j) for fine-tuned step j. Only the last K' steps are fine-tuned; the first K - K'
-use a frozen copy of the pretrained denoiser, as in the paper.
+stochastic too). PPO's clipped ratio objective applies per denoising step, with the chunk's advantage
+discounted by denoise_gamma^(K'-1-j) for fine-tuned step j. Only the last K' steps are fine-tuned; the
+first K - K' use a frozen copy of the pretrained denoiser, as in the paper.
+
+As in the paper's code, a step's log-likelihood is the elementwise Gaussian log-density clamped to [-5, 2]
+and averaged (not summed) over the executed actions of the chunk and their dimensions, and the ratio clip
+grows exponentially along the chain, from clip_coef_base at the first fine-tuned step to clip_coef at the
+last. A sum over the whole (H, Da) chunk makes each ratio H * Da times more sensitive to the same change
+of the mean; with clip 0.01 almost every ratio is then clipped after one minibatch.
 """
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,14 +44,18 @@ from simpo_robot.rl.simpo import critic_obs
 class DppoConfig:
     """DPPO's knobs (`--dppo.field value`)."""
 
-    n_steps: int = 7
-    """Chunks per env collected per PPO iteration (7 = one 50-step Fetch episode with 8-action chunks)."""
+    n_steps: int = 25
+    """Chunks per env collected per PPO iteration (25 = one 50-step Fetch episode with 2-action chunks)."""
     epochs: int = 5
     """PPO epochs over each on-policy batch."""
     minibatch_size: int = 512
     """(chunk, fine-tuned denoising step) pairs per PPO minibatch."""
     clip_coef: float = 0.01
-    """PPO ratio clip; DPPO uses a small one because every denoising step is its own ratio."""
+    """PPO ratio clip at the last denoising step; DPPO uses a small one because every step is its own ratio."""
+    clip_coef_base: float = 1e-3
+    """Ratio clip at the first fine-tuned denoising step (the clip grows exponentially towards clip_coef)."""
+    clip_coef_rate: float = 3.0
+    """Growth rate of that schedule (0 < rate; larger keeps the early steps near clip_coef_base longer)."""
     gae_lambda: float = 0.95
     denoise_gamma: float = 0.99
     """Discount of the advantage along the denoising chain (the final step gets the full advantage)."""
@@ -69,12 +79,14 @@ class DppoConfig:
             raise ValueError("dppo.ft_denoising_steps must be <= dppo.denoising_steps")
         if not (self.clip_coef > 0 and self.min_std > 0 and self.actor_lr > 0 and self.value_lr > 0):
             raise ValueError("dppo.clip_coef, min_std and the learning rates must be > 0")
+        if not (0 < self.clip_coef_base <= self.clip_coef and self.clip_coef_rate > 0):
+            raise ValueError("dppo.clip_coef_base must be in (0, clip_coef] and dppo.clip_coef_rate > 0")
         if not (0 <= self.gae_lambda <= 1 and 0 < self.denoise_gamma <= 1):
             raise ValueError("dppo.gae_lambda must be in [0, 1] and denoise_gamma in (0, 1]")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Pure pieces: the Gaussian denoising step, its log-density, GAE.
+# Pure pieces: the Gaussian denoising step, its log-density, the clip schedule, GAE.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -113,11 +125,38 @@ def step_mean(x: Tensor, eps: Tensor, k: int | Tensor, tables: StepTables, steps
     return _per_sample(steps.x0_coeff, k, x) * x0 + _per_sample(steps.eps_coeff, k, x) * eps
 
 
+LOGPROB_RANGE = (-5.0, 2.0)
+"""DPPO's clamp on each element's log-density (bounds the ratio of a sample far in a tail)."""
+
+
 def gaussian_logprob(x: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
-    """log N(x; mean, std^2 I), summed over all but the first dim: (M, ...) -> (M,)."""
+    """Elementwise log N(x; mean, std^2), the shape of x."""
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
-    logp = -0.5 * ((x - mean) / std) ** 2 - torch.log(std) - 0.5 * torch.log(torch.tensor(2 * torch.pi))
-    return logp.flatten(1).sum(dim=1)
+    return -0.5 * ((x - mean) / std) ** 2 - torch.log(std) - 0.5 * torch.log(torch.tensor(2 * torch.pi))
+
+
+def step_logprob(x: Tensor, mean: Tensor, std: Tensor | float, start: int, length: int) -> Tensor:
+    """DPPO's log-likelihood of one denoising step: (M, H, Da) -> (M,).
+
+    The elementwise log-density, clamped to LOGPROB_RANGE, averaged over the executed actions
+    (horizon indices start .. start + length - 1) and the action dims. The rest of the chunk never
+    reaches the env, so it gets no gradient.
+    """
+    logp = gaussian_logprob(x, mean, std)[:, start:start + length].clamp(*LOGPROB_RANGE)
+    return logp.flatten(1).mean(dim=1)
+
+
+def clip_schedule(ft_steps: int, base: float, final: float, rate: float) -> Tensor:
+    """Ratio clip of each fine-tuned denoising step j = 0 .. K'-1 (K' = ft_steps), shape (K',):
+
+        clip_j = base + (final - base) * (exp(rate * t_j) - 1) / (exp(rate) - 1),   t_j = j / (K' - 1)
+
+    so clip_0 = base and clip_{K'-1} = final; one fine-tuned step gets final.
+    """
+    if ft_steps == 1:
+        return torch.tensor([final])
+    t = torch.arange(ft_steps, dtype=torch.float64) / (ft_steps - 1)
+    return (base + (final - base) * torch.expm1(rate * t) / math.expm1(rate)).float()
 
 
 def gae(rewards: Tensor, values: Tensor, next_values: Tensor, discounts: Tensor, gamma_steps: Tensor,
@@ -161,6 +200,7 @@ class DppoAgent:
         self.cfg, self.gamma, self.actor, self.device = cfg, gamma, actor, device
         self.tables = step_tables(actor.policy.config, cfg.denoising_steps, scheduler="DDIM")
         self.steps = gaussian_steps(self.tables, cfg.min_std)
+        self.clips = clip_schedule(cfg.ft_denoising_steps, cfg.clip_coef_base, cfg.clip_coef, cfg.clip_coef_rate)
         self.first_ft = cfg.denoising_steps - cfg.ft_denoising_steps  # steps before use the frozen copy
         self.base_unet = copy.deepcopy(actor.unet).requires_grad_(False) if self.first_ft else None
         self.eps_net = EpsNet(actor.unet)
@@ -202,6 +242,9 @@ class DppoAgent:
             return self.base_unet(x, t, global_cond=cond)
         return self.eps_net(x, t, cond) if trainable else self.actor.unet(x, t, global_cond=cond)
 
+    def _logprob(self, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        return step_logprob(x, mean, std, self.actor.start, self.actor.n_action_steps)
+
     @torch.no_grad()
     def act(self, cond: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         m = cond.shape[0]
@@ -213,7 +256,7 @@ class DppoAgent:
             x = mean + self.steps.std[k] * torch.randn(shape, generator=generator, device=cond.device)
             chain.append(x)
             if k >= self.first_ft:
-                logps.append(gaussian_logprob(x, mean, self.steps.std[k]))
+                logps.append(self._logprob(x, mean, self.steps.std[k]))
         bound = self.tables.clip_range or 1.0
         return x.clamp(-bound, bound), {"chain": torch.stack(chain, 1), "logprob": torch.stack(logps, 1)}
 
@@ -266,20 +309,21 @@ class DppoAgent:
                 # One forward for the whole minibatch (one DDP forward per backward), per-sample timesteps.
                 eps = self.eps_net(x_k, self.tables.timesteps.to(dev)[k], cond[i])
                 mean = step_mean(x_k, eps, k, self.tables, self.steps)
-                new_logp = gaussian_logprob(x_next, mean, _per_sample(self.steps.std, k, x_next))
+                new_logp = self._logprob(x_next, mean, _per_sample(self.steps.std, k, x_next))
                 mb_adv = adv[i]
                 if self.cfg.norm_adv and len(idx) > 1:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
                 mb_adv = mb_adv * denoise_discount[j]
                 ratio = torch.exp(new_logp - old_logp[i, j])
-                clipped = torch.clamp(ratio, 1 - self.cfg.clip_coef, 1 + self.cfg.clip_coef)
+                clip = self.clips.to(dev)[j]
+                clipped = torch.clamp(ratio, 1 - clip, 1 + clip)
                 policy_loss = -torch.minimum(ratio * mb_adv, clipped * mb_adv).mean()
                 step(policy_loss, self.actor_opt, self.eps_net)
                 value_loss = F.mse_loss(self.value(obs[i]).squeeze(-1), returns[i])
                 step(value_loss, self.value_opt, self.value)
                 with torch.no_grad():
                     metrics = {"losses/policy": policy_loss.item(), "losses/value": value_loss.item(),
-                               "dppo/clip_frac": ((ratio - 1).abs() > self.cfg.clip_coef).float().mean().item(),
+                               "dppo/clip_frac": ((ratio - 1).abs() > clip).float().mean().item(),
                                "dppo/approx_kl": ((ratio - 1) - torch.log(ratio)).mean().item()}
         self.storage.clear()
         self.iterations += 1
