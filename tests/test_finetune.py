@@ -156,6 +156,7 @@ def test_finetune_cli_end_to_end(tiny_push, tmp_path):
     (["--algo", "ppo"], "unknown algo"),
     (["--num-inference-steps", "0"], "num_inference_steps must be >= 1"),
     (["--num-inference-steps", "1", "--algo", "dppo"], "--dppo.denoising-steps"),
+    (["--algo", "dppo", "--dppo.clip-coef-base", "0.1"], "dppo.clip_coef_base must be in (0, clip_coef]"),
 ])
 def test_finetune_bad_flags(args, message, capsys):
     assert main(["finetune", *args]) == 2

@@ -200,7 +200,8 @@ class DppoAgent:
         self.cfg, self.gamma, self.actor, self.device = cfg, gamma, actor, device
         self.tables = step_tables(actor.policy.config, cfg.denoising_steps, scheduler="DDIM")
         self.steps = gaussian_steps(self.tables, cfg.min_std)
-        self.clips = clip_schedule(cfg.ft_denoising_steps, cfg.clip_coef_base, cfg.clip_coef, cfg.clip_coef_rate)
+        self.clips = clip_schedule(cfg.ft_denoising_steps, cfg.clip_coef_base, cfg.clip_coef,
+                                   cfg.clip_coef_rate).to(device)  # (K',)
         self.first_ft = cfg.denoising_steps - cfg.ft_denoising_steps  # steps before use the frozen copy
         self.base_unet = copy.deepcopy(actor.unet).requires_grad_(False) if self.first_ft else None
         self.eps_net = EpsNet(actor.unet)
@@ -315,7 +316,7 @@ class DppoAgent:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
                 mb_adv = mb_adv * denoise_discount[j]
                 ratio = torch.exp(new_logp - old_logp[i, j])
-                clip = self.clips.to(dev)[j]
+                clip = self.clips[j]
                 clipped = torch.clamp(ratio, 1 - clip, 1 + clip)
                 policy_loss = -torch.minimum(ratio * mb_adv, clipped * mb_adv).mean()
                 step(policy_loss, self.actor_opt, self.eps_net)
