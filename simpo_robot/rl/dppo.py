@@ -21,7 +21,8 @@ As in the paper's code, a step's log-likelihood is the elementwise Gaussian log-
 and averaged (not summed) over the executed actions of the chunk and their dimensions, and the ratio clip
 grows exponentially along the chain, from clip_coef_base at the first fine-tuned step to clip_coef at the
 last. A sum over the whole (H, Da) chunk makes each ratio H * Da times more sensitive to the same change
-of the mean; with clip 0.01 almost every ratio is then clipped after one minibatch.
+of the mean; with it, 85% of the ratios were clipped at the end of every PPO iteration on fetch_push
+(BENCHMARKS.md, eighth round).
 """
 
 import copy
