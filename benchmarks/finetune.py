@@ -14,6 +14,11 @@ benchmarks/results/finetune.json (a rerun of a (task, algo, weighting, bound, se
 and a plot go to BENCHMARKS.md (section "finetune"). Runs also record success with the sampler started from x_T = 0
 (finetune's --deterministic-eval); --measure-deterministic adds it to recorded runs that lack it, with
 `simpo-robot eval --noise_scale 0` on the base checkpoint and on the run's final/ (the same episodes).
+
+A run that was stopped (killed, or its session ended) goes on from its last resumable checkpoint (taken every 10k
+env steps) when the same command is run again: its wall time is each invocation's time up to the last checkpoint it
+wrote, plus the finishing invocation's, and its peak RSS the largest of them (OUTPUT_DIR.progress.json keeps them
+in between).
 """
 
 import argparse
@@ -80,16 +85,25 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
     previous = args.previous.get((task, policy_type, algo, weighting, bound, seed)) if args.extend else None
     if args.extend and previous is None:
         raise SystemExit(f"--extend: no earlier run of {policy} {name} seed {seed} in finetune.json to extend")
-    # An extended run goes on from its last checkpoint with the flags it was started with.
-    cmd += ["--resume", str(out)] if previous else ["--overwrite", "true"]
     cmd += shlex.split(previous["finetune_args"] if previous else args.finetune_args)
+    stopped = None if previous else stopped_run(out, cmd)
+    if stopped:
+        print(f"{out.name}: resuming the stopped run from its last checkpoint", flush=True)
+    # An extended or stopped run goes on from its last checkpoint with the flags it was started with.
+    resume = ["--resume", str(out)] if previous or stopped else ["--overwrite", "true"]
+    progress = progress_path(out)
+    if not stopped:
+        progress.unlink(missing_ok=True)  # a stale record of an earlier run
     # Training time before this invocation (the run's summary accumulates it across resumptions).
     trained_before = json.loads((out / "summary.json").read_text())["wall_s"] if previous else 0.0
+    wall_before, peak_before = (stopped["wall_s"], stopped["peak_rss_mb"]) if stopped else (0.0, 0.0)
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.parent / f"{out.name}.log"  # a file, not a pipe: a long run's log would fill a pipe and block
+    checkpoint = out / "checkpoints" / "last" / "trainer_rank0.pt"
+    seen = mtime(checkpoint)
     with open(log_path, "a") as log_file:
-        proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
+        proc = psutil.Popen(cmd + resume, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
         peak = 0
         while proc.poll() is None:
             try:
@@ -97,24 +111,57 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
                 peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
             except psutil.Error:
                 pass
+            if (written := mtime(checkpoint)) is not None and written != seen:  # a new resumable checkpoint
+                seen = written
+                write_atomically(progress, {"cmd": cmd, "wall_s": wall_before + time.perf_counter() - start,
+                                            "peak_rss_mb": max(peak_before, peak / 2**20)})
             time.sleep(0.5)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (log: {log_path}):\n{log_path.read_text()[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd + resume)} failed (log: {log_path}):\n{log_path.read_text()[-3000:]}")
+    progress.unlink(missing_ok=True)
     summary = json.loads((out / "summary.json").read_text())
     # An extended run: the first invocation's wall time (start-up and evaluations included) plus the
     # training time added since (process start-up and evaluations of the continuation are not counted).
-    wall = previous["wall_s"] + summary["wall_s"] - trained_before if previous else time.perf_counter() - start
+    wall = (previous["wall_s"] + summary["wall_s"] - trained_before if previous
+            else wall_before + time.perf_counter() - start)
     return {
         "task": task, "policy_type": policy_type, "algo": algo, "weighting": weighting, "negative_bound": bound, "seed": seed,
         "env_steps": summary["env_steps"], "pc_success_before": summary["pc_success_before"],
         "pc_success_after": summary["pc_success_after"], "curve": summary["curve"],
         "wall_s": wall,
-        "peak_rss_mb": max(peak / 2**20, previous["peak_rss_mb"] if previous else 0.0),
+        "peak_rss_mb": max(peak / 2**20, peak_before, previous["peak_rss_mb"] if previous else 0.0),
         "env_steps_per_s": summary["env_steps_per_s"], "num_envs": args.num_envs,
         "final_eval_episodes": args.final_eval_episodes,
         "finetune_args": previous["finetune_args"] if previous else args.finetune_args,
         **{k: summary[k] for k in ("pc_success_deterministic_before", "pc_success_deterministic_after") if k in summary},
     }
+
+
+def progress_path(out: Path) -> Path:
+    return out.parent / f"{out.name}.progress.json"
+
+
+def stopped_run(out: Path, cmd: list[str]) -> dict | None:
+    """What this benchmark recorded of a run in `out` that stopped before it finished (its wall time and peak
+    RSS up to its last checkpoint), if that run was started by the same command; else None."""
+    path = progress_path(out)
+    if (out / "summary.json").exists() or not (out / "checkpoints" / "last").is_dir() or not path.exists():
+        return None
+    progress = json.loads(path.read_text())
+    return progress if progress["cmd"] == cmd else None
+
+
+def mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def write_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
 
 
 @functools.cache  # the base checkpoint is shared by the runs of one task
