@@ -16,9 +16,9 @@ and a plot go to BENCHMARKS.md (section "finetune"). Runs also record success wi
 `simpo-robot eval --noise_scale 0` on the base checkpoint and on the run's final/ (the same episodes).
 
 A run that was stopped (killed, or its session ended) goes on from its last resumable checkpoint (taken every 10k
-env steps) when the same command is run again: its wall time is each invocation's time up to the last checkpoint it
-wrote, plus the finishing invocation's, and its peak RSS the largest of them (OUTPUT_DIR.progress.json keeps them
-in between).
+env steps) when the same command is run again. Its wall time is each invocation's time up to the last checkpoint it
+wrote, plus the finishing invocation's; its peak RSS is the largest of them (outputs/benchmarks/RUN.progress.json
+keeps both in between).
 """
 
 import argparse
