@@ -79,7 +79,7 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
            "--task", task, "--algo", algo, "--env-steps", str(args.env_steps), "--seed", str(seed),
            "--num-envs", str(args.num_envs), "--eval-every", str(args.eval_every),
            "--eval-episodes", str(args.eval_episodes), "--final-eval-episodes", str(args.final_eval_episodes),
-           "--out", str(out)]
+           "--torch-threads", str(args.torch_threads), "--out", str(out)]
     if weighting is not None:
         cmd += ["--weighting", weighting, "--negative-bound", str(bound)]
     previous = args.previous.get((task, policy_type, algo, weighting, bound, seed)) if args.extend else None
@@ -133,6 +133,7 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
         "env_steps_per_s": summary["env_steps_per_s"], "num_envs": args.num_envs,
         "final_eval_episodes": args.final_eval_episodes,
         "finetune_args": previous["finetune_args"] if previous else args.finetune_args,
+        "torch_threads": args.torch_threads,
         **{k: summary[k] for k in ("pc_success_deterministic_before", "pc_success_deterministic_after") if k in summary},
     }
 
@@ -221,6 +222,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25_000)
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--final-eval-episodes", type=int, default=100)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads of each run (finetune --torch-threads): 1 when two runs share the 2 cores, "
+                             "2 for a run that has them alone")
     parser.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from the JSON")
     parser.add_argument("--finetune-args", default="", help="more flags for every run, e.g. '--simpo.actor-starts 20000'")
     parser.add_argument("--measure-deterministic", action="store_true",
@@ -261,6 +265,15 @@ def main() -> None:
     report(list(runs.values()), args)
 
 
+def wall_minutes(rs: list[dict]) -> str:
+    """Mean wall time (min) of the runs that shared the cores (one torch thread each), and each run that had
+    the machine to itself (--torch-threads > 1) on its own."""
+    shared = [r["wall_s"] / 60 for r in rs if r.get("torch_threads", 1) == 1]
+    alone = [f"{r['wall_s'] / 60:.1f} ({r['torch_threads']} threads, seed {r['seed']})"
+             for r in rs if r.get("torch_threads", 1) > 1]
+    return ", ".join(([f"{np.mean(shared):.1f}"] if shared else []) + alone)
+
+
 def report(runs: list[dict], args) -> None:
     import matplotlib
 
@@ -287,7 +300,7 @@ def report(runs: list[dict], args) -> None:
                          + (f" ({len(measured)} of {len(rs)} seeds)" if len(measured) < len(rs) else "")) if measured else "-"
         rows.append(
             f"| {task} | {label} | {f'`{extra}`' if extra else ''} | {len(rs)} | {steps} | {np.mean(before):.1f} | "
-            f"{np.mean(after):.1f} ± {np.std(after):.1f} | {deterministic} | {np.mean([r['wall_s'] for r in rs]) / 60:.1f} | "
+            f"{np.mean(after):.1f} ± {np.std(after):.1f} | {deterministic} | {wall_minutes(rs)} | "
             f"{max(r['peak_rss_mb'] for r in rs):.0f} | "
             f"{np.mean([r['env_steps_per_s'] for r in rs]):.0f} / {np.mean([r['raw_sim_steps_per_s'] for r in rs]):.0f} |")
         ax = axes[0][tasks.index(task)]
