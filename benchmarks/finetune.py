@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/finetune.py --tasks fetch_push --policy-types flow --algos simpo-linear simpo-exp
     .venv/bin/python benchmarks/finetune.py --tasks fetch_push --algos simpo-linear --seeds 0 --env-steps 300000 --extend
     .venv/bin/python benchmarks/finetune.py --tasks fetch_push --measure-deterministic   # for runs recorded without it
+    .venv/bin/python benchmarks/finetune.py --tasks fetch_push --algos dppo --seeds 1 --torch-threads 2   # alone on the machine
 
 Each run is `simpo-robot finetune` in its own process (its peak RSS, children included, is sampled with
 psutil), from pretrained/<task> (diffusion) or pretrained/<task>-flow (flow; SiMPO only), with the success curve every --eval-every env steps. The raw simulator's
