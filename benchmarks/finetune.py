@@ -289,7 +289,8 @@ def report(runs: list[dict], args) -> None:
         groups.setdefault((r["task"], r.get("policy_type", "diffusion"), r["algo"], r["weighting"], r["negative_bound"],
                            r["env_steps"], r.get("finetune_args", "")), []).append(r)
     tasks = sorted({g[0] for g in groups})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.5), squeeze=False)
+    colors: dict[tuple, str] = {}
     for (task, kind, algo, weighting, bound, steps, extra), rs in sorted(groups.items(), key=str):
         label = f"simpo {weighting} (b={bound:g})" if algo == "simpo" else algo
         label += " [flow]" if kind == "flow" else ""
@@ -306,14 +307,15 @@ def report(runs: list[dict], args) -> None:
             f"{np.mean([r['env_steps_per_s'] for r in rs]):.0f} / {np.mean([r['raw_sim_steps_per_s'] for r in rs]):.0f} |")
         ax = axes[0][tasks.index(task)]
         curve = np.array(rs[0]["curve"])
+        color = colors.setdefault((label, extra, steps), f"C{len(colors) % 10}")  # one colour per method in both panels
         ax.plot(curve[:, 0], np.mean([np.array(r["curve"])[:, 1] for r in rs if len(r["curve"]) == len(curve)], 0),
-                marker="o", label=f"{label} {extra}".strip())
+                marker="o", color=color, label=f"{label} {extra}".strip() + f", {steps // 1000}k, {len(rs)} seed{'s' if len(rs) > 1 else ''}")
         ax.set_title(task)
         ax.set_xlabel("env steps")
         ax.set_ylabel("success (%)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "finetune.png", dpi=100)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25))  # below the plot, off the curves
+    fig.subplots_adjust(wspace=0.25)
+    fig.savefig(RESULTS / "finetune.png", dpi=100, bbox_inches="tight")
     body = (f"## Fine-tuning the shipped checkpoints (`benchmarks/finetune.py`)\n\n"
             f"Command (the last invocation; the table has every run in `benchmarks/results/finetune.json`, "
             f"each with its own flags): `.venv/bin/python {' '.join(sys.argv)}`\nMachine: {machine()}\nDate: {today()}\n\n"
