@@ -12,7 +12,6 @@ not use it. Writes benchmarks/results/update_costs.json and the BENCHMARKS.md se
 """
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -29,46 +28,47 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def pieces(task: str) -> dict:
-    """name -> a function that runs that piece once, on the shipped checkpoint of `task`."""
+    """name -> a function that runs that piece once, on the shipped checkpoint of `task`, through SimpoAgent's own
+    code (its particle sampler, critic loss and target update) with the default SimpoConfig."""
     from simpo_robot.policy_io import load_policy
     from simpo_robot.rl.actor import make_actor
-    from simpo_robot.rl.critic import TwinCritic, ema_update, td_target
-    from simpo_robot.rl.simpo import SimpoConfig
+    from simpo_robot.rl.critic import ema_update
+    from simpo_robot.rl.simpo import SimpoAgent, SimpoConfig, SimpoTransition
 
     loaded = load_policy(ROOT / "pretrained" / task)
-    actor, cfg, simpo = make_actor(loaded.policy), loaded.policy.config, SimpoConfig()
+    actor, cfg = make_actor(loaded.policy), loaded.policy.config
+    obs_steps, state_dim, env_dim = actor.n_obs_steps, cfg.robot_state_feature.shape[0], cfg.env_state_feature.shape[0]
+    agent = SimpoAgent(SimpoConfig(), "linear", -0.5, actor, obs_steps * (state_dim + env_dim), torch.device("cpu"))
+    agent.set_prepared({}, unwrap=lambda module: module)  # single process: the target critic, as the trainer makes it
     generator = torch.Generator().manual_seed(0)
 
-    def cond(batch: int) -> torch.Tensor:
-        return actor.global_cond(torch.randn(batch, actor.n_obs_steps, cfg.robot_state_feature.shape[0], generator=generator),
-                                 torch.randn(batch, actor.n_obs_steps, cfg.env_state_feature.shape[0], generator=generator))
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator)
 
-    act_cond, particle_cond = cond(16), cond(simpo.actor_batch_size * simpo.particles)
-    obs_dim = (cfg.robot_state_feature.shape[0] + cfg.env_state_feature.shape[0]) * actor.n_obs_steps
-    chunk_dim = actor.n_action_steps * actor.action_dim
-    critic = TwinCritic(obs_dim, chunk_dim, simpo.critic_hidden)
-    target = copy.deepcopy(critic)
-    optimizer = torch.optim.Adam(critic.parameters(), simpo.critic_lr)
-    b = simpo.batch_size
-    obs, chunk, next_obs, next_chunk = (torch.randn(b, d, generator=generator)
-                                        for d in (obs_dim, chunk_dim, obs_dim, chunk_dim))
-    reward, discount = torch.randn(b, generator=generator), torch.full((b,), 0.99**2)
+    def cond(batch: int) -> torch.Tensor:
+        return actor.global_cond(randn(batch, obs_steps, state_dim), randn(batch, obs_steps, env_dim))
+
+    n = agent.cfg.batch_size
+    batch = SimpoTransition(
+        state=randn(n, obs_steps, state_dim), env_state=randn(n, obs_steps, env_dim),
+        chunk=randn(n, actor.horizon, actor.action_dim), reward=randn(n), discount=torch.full((n,), 0.99**2),
+        next_state=randn(n, obs_steps, state_dim), next_env_state=randn(n, obs_steps, env_dim),
+        next_chunk=randn(n, actor.horizon, actor.action_dim))
+    act_cond, particle_cond = cond(16), cond(agent.cfg.actor_batch_size * agent.cfg.particles)
 
     def critic_update() -> None:
-        with torch.no_grad():
-            y = td_target(reward, discount, target(next_obs, next_chunk)).float()
-        q = critic(obs, chunk)
-        loss = torch.nn.functional.mse_loss(q.q1.float(), y) + torch.nn.functional.mse_loss(q.q2.float(), y)
-        optimizer.zero_grad()
+        loss = agent.critic_loss(batch, generator)
+        agent.critic_opt.zero_grad()
         loss.backward()
-        optimizer.step()
-        ema_update(target, critic, simpo.tau)
+        agent.critic_opt.step()
+        ema_update(agent.critic_target, agent.critic, agent.cfg.tau)
 
+    hidden = "x".join(map(str, agent.cfg.critic_hidden))
     return {
-        "acting: 1 chunk, 16 envs, own sampler": lambda: actor.sample(actor.unet, act_cond, generator=generator),
-        f"particles: {len(particle_cond)} chunks, {simpo.particle_steps} DDIM steps":
-            lambda: actor.sample(actor.unet, particle_cond, simpo.particle_steps, clip=False, generator=generator),
-        f"critic update: twin {'x'.join(map(str, simpo.critic_hidden))}, {b} transitions": critic_update,
+        "acting: 1 chunk, 16 envs, own sampler": lambda: agent.act(act_cond, generator),
+        f"particles: {len(particle_cond)} chunks, {agent.cfg.particle_steps} DDIM steps":
+            lambda: agent.sample_particles(agent.pi_old, particle_cond, generator),
+        f"critic update: twin {hidden}, {n} transitions": critic_update,
     }
 
 
@@ -86,8 +86,7 @@ def main() -> None:
         for name, fn in jobs.items():
             for threads, bf16 in variants:
                 torch.set_num_threads(threads)
-                grad = torch.enable_grad() if name.startswith("critic") else torch.no_grad()
-                with grad, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     start = time.perf_counter()
                     for _ in range(args.calls):
                         fn()
