@@ -210,6 +210,39 @@ def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tiny_push, tmp
         load_run(tmp_path / "nothing")
 
 
+def test_overlapped_updates_give_exactly_the_sequential_run(tiny_push, tmp_path, monkeypatch):
+    import threading
+
+    from safetensors.torch import load_file
+
+    from simpo_robot.rl.simpo import SimpoAgent
+
+    threads: list[str] = []
+    update = SimpoAgent.update
+
+    def recorded(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(SimpoAgent, "update", recorded)
+    _run(tiny_push, tmp_path / "overlapped", 200, "--log-every", "3")
+    overlapped, threads = threads, []
+    _run(tiny_push, tmp_path / "sequential", 200, "--log-every", "3", "--overlap-updates", "false")
+    # critic rounds ran beside the collection, actor bursts in the main thread; without it, all in the main thread
+    assert {name.split("_")[0] for name in overlapped} == {"updates", "MainThread"} and set(threads) == {"MainThread"}
+    a = load_file(tmp_path / "overlapped" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "sequential" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    s1, s2 = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("overlapped", "sequential"))
+    for key in ("env_steps", "updates", "critic_updates", "actor_updates", "skipped_updates"):
+        assert s1[key] == s2[key], key
+
+    def losses(run):  # every logged loss, in order (wall-clock charts differ)
+        lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(m["env_steps"], {k: v for k, v in m.items() if k.startswith("losses/")}) for m in lines]
+    assert losses("overlapped") == losses("sequential")
+
+
 def test_final_evaluation_also_measures_the_deterministic_policy(tiny_push, tmp_path, monkeypatch):
     import simpo_robot.evaluate as evaluate_module
     from simpo_robot.evaluate import evaluate_policy
@@ -525,12 +558,18 @@ def test_actor_burst_runs_n_actor_updates_in_a_row_at_the_same_ratio(tiny_push):
     counts = []
     for _ in range(12):  # one critic update per call; three actor updates after every 2 * 3 of them
         critic_before = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+        may_overlap = agent.can_overlap(env_steps=10)
         metrics = agent.update(_plain_step, lambda x: x, g, torch.Generator().manual_seed(1), lambda m: m, env_steps=10)
         counts.append(agent.actor_updates)
         assert ("losses/actor" in metrics) == (agent.critic_updates % 6 == 0)
+        assert may_overlap == ("losses/actor" not in metrics)  # the trainer overlaps only critic-only rounds
         assert not all(torch.equal(critic_before[k], v) for k, v in agent.critic.state_dict().items())
     assert counts == [0, 0, 0, 0, 0, 3, 3, 3, 3, 3, 3, 6]
     assert agent.critic_updates == 12  # the same ratio as one actor update every 2 critic updates
+    agent.critic_updates = 5  # a burst is due, but not before actor_starts; actor targets draw from `generator`
+    assert not agent.can_overlap(env_steps=10) and agent.can_overlap(env_steps=-1)
+    agent.cfg.target = "actor"
+    assert not agent.can_overlap(env_steps=-1)
     with pytest.raises(ValueError, match="actor_burst"):
         SimpoConfig(actor_burst=0)
 

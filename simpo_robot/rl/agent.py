@@ -2,7 +2,8 @@
 
 The trainer owns Accelerate, the envs, evaluation, logging and checkpoints. An agent owns its networks,
 optimisers and data (replay buffer or on-policy storage). Per collected chunk the trainer calls
-`act` (inside the rollout), `observe`, and `update` when `ready`; updates take their optimiser steps
+`act` (inside the rollout), `observe`, and `update` when `ready` (in a second thread, during the next
+chunk's collection, when `can_overlap`); updates take their optimiser steps
 through the trainer's `Stepper`, so gradient all-reduce, clipping and NaN skipping live in one place.
 """
 
@@ -63,6 +64,11 @@ class Agent(Protocol):
         ...
 
     def ready(self, env_steps: int) -> bool: ...
+
+    def can_overlap(self, env_steps: int) -> bool:
+        """Whether the next `update` may run while the next chunk is collected: it changes nothing that `act`
+        reads and draws nothing from the rank's sampling stream (`generator`), so the run is the same either way."""
+        ...
 
     def synced_modules(self) -> list[nn.Module]:
         """Every module that must stay identical across processes (checked at the end of a run)."""

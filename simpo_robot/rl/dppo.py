@@ -270,6 +270,9 @@ class DppoAgent:
     def ready(self, env_steps: int) -> bool:
         return len(self.storage) >= self.cfg.n_steps
 
+    def can_overlap(self, env_steps: int) -> bool:
+        return False  # the PPO update changes the denoiser that acts
+
     # --- the PPO update ----------------------------------------------------------------------------
     def update(self, step: Stepper, gather, generator: torch.Generator, cpu_generator: torch.Generator,
                unwrap, env_steps: int) -> dict[str, float]:

@@ -317,6 +317,13 @@ class SimpoAgent:
     def ready(self, env_steps: int) -> bool:
         return env_steps >= self.cfg.learning_starts and self.buffer is not None
 
+    def can_overlap(self, env_steps: int) -> bool:
+        """Critic updates alone touch neither the actor nor `generator` (with behaviour targets); a round that
+        ends a phase runs the actor burst, which changes the policy that acts."""
+        period = self.cfg.actor_every * self.cfg.actor_burst
+        burst_due = env_steps >= self.cfg.actor_starts and self.critic_updates % period + self.cfg.critic_updates >= period
+        return self.cfg.target == "behaviour" and not burst_due
+
     # --- updates -----------------------------------------------------------------------------------
     def sample_particles(self, unet: nn.Module, cond: Tensor, generator: torch.Generator) -> Tensor:
         """cond (M, C) -> (M, H, Da) chunks from `unet` with the cheap particle sampler."""
