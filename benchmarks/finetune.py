@@ -25,6 +25,7 @@ keeps both in between).
 import argparse
 import functools
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -68,14 +69,20 @@ def raw_sim_steps_per_s(task: str, num_envs: int, steps: int = 400) -> float:
 POLICY_SUFFIX = {"diffusion": "", "flow": "-flow"}
 
 
-def run_dir(task: str, policy_type: str, name: str, seed: int) -> Path:
-    return ROOT / "outputs" / "benchmarks" / f"{task + POLICY_SUFFIX[policy_type]}-{name}-s{seed}"
+def variant_name(value: str) -> str:
+    if value and not re.fullmatch(r"[A-Za-z0-9_]+", value):
+        raise argparse.ArgumentTypeError(f"{value!r}: letters, digits and _ only (it names the run's folder)")
+    return value
+
+
+def run_dir(task: str, policy_type: str, name: str, seed: int, variant: str = "") -> Path:
+    return ROOT / "outputs" / "benchmarks" / f"{task + POLICY_SUFFIX[policy_type]}-{name}-s{seed}{'-' + variant if variant else ''}"
 
 
 def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
     algo, weighting, bound = ALGOS[name]
     policy = task + POLICY_SUFFIX[policy_type]
-    out = run_dir(task, policy_type, name, seed)
+    out = run_dir(task, policy_type, name, seed, args.variant)
     cmd = [sys.executable, "-m", "simpo_robot", "finetune", "--policy", str(ROOT / "pretrained" / policy),
            "--task", task, "--algo", algo, "--env-steps", str(args.env_steps), "--seed", str(seed),
            "--num-envs", str(args.num_envs), "--eval-every", str(args.eval_every),
@@ -83,7 +90,7 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
            "--torch-threads", str(args.torch_threads), "--out", str(out)]
     if weighting is not None:
         cmd += ["--weighting", weighting, "--negative-bound", str(bound)]
-    previous = args.previous.get((task, policy_type, algo, weighting, bound, seed)) if args.extend else None
+    previous = args.previous.get((task, policy_type, algo, weighting, bound, seed, args.variant)) if args.extend else None
     if args.extend and previous is None:
         raise SystemExit(f"--extend: no earlier run of {policy} {name} seed {seed} in finetune.json to extend")
     cmd += shlex.split(previous["finetune_args"] if previous else args.finetune_args)
@@ -134,6 +141,7 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
         "env_steps_per_s": summary["env_steps_per_s"], "num_envs": args.num_envs,
         "final_eval_episodes": args.final_eval_episodes,
         "finetune_args": previous["finetune_args"] if previous else args.finetune_args,
+        **({"variant": args.variant} if args.variant else {}),
         "torch_threads": args.torch_threads,
         **{k: summary[k] for k in ("pc_success_deterministic_before", "pc_success_deterministic_after") if k in summary},
     }
@@ -183,7 +191,7 @@ def measure_deterministic(run: dict) -> dict:
     """The recorded run with its deterministic success before and after (from its final/ folder)."""
     name = next(n for n, (a, w, b) in ALGOS.items() if (a, w, b) == (run["algo"], run["weighting"], run["negative_bound"]))
     kind = run.get("policy_type", "diffusion")
-    final = run_dir(run["task"], kind, name, run["seed"]) / "final"
+    final = run_dir(run["task"], kind, name, run["seed"], run.get("variant", "")) / "final"
     info_file = final / "training_info.json"
     if not info_file.is_file() or json.loads(info_file.read_text())["env_steps"] != run["env_steps"]:
         raise SystemExit(f"{final} is not the recorded run's ({run['env_steps']} env steps); rerun it instead")
@@ -197,7 +205,7 @@ def measure_deterministic(run: dict) -> dict:
 
 def key(run: dict) -> tuple:
     return (run["task"], run.get("policy_type", "diffusion"), run["algo"], run["weighting"], run["negative_bound"],
-            run["seed"])
+            run["seed"], run.get("variant", ""))
 
 
 def load_runs(path: Path) -> dict[tuple, dict]:
@@ -228,6 +236,9 @@ def main() -> None:
                              "2 for a run that has them alone")
     parser.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from the JSON")
     parser.add_argument("--finetune-args", default="", help="more flags for every run, e.g. '--simpo.actor-starts 20000'")
+    parser.add_argument("--variant", default="", type=variant_name,
+                        help="a name for runs whose --finetune-args change the method: they get their own folder "
+                             "(RUN-VARIANT) and their own records, beside the grid's runs of the same algorithm and seed")
     parser.add_argument("--measure-deterministic", action="store_true",
                         help="measure the deterministic success (x_T = 0) of the selected recorded runs that lack it")
     parser.add_argument("--extend", action="store_true",
