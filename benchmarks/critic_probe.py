@@ -69,19 +69,25 @@ def play_agent(spec, loaded, agent, n: int, pick: str, waves: int, num_envs: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="fine-tuning run folders (SiMPO, with checkpoints/last)")
+    parser.add_argument("runs", nargs="*", type=Path, help="fine-tuning run folders (SiMPO, with checkpoints/last)")
     parser.add_argument("--particles", type=int, default=16)
     parser.add_argument("--waves", type=int, default=13, help="rounds of --num-envs episodes per variant")
     parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from the JSON")
     args = parser.parse_args()
+    path = RESULTS / "critic_probe.json"
+    results = {r["run"]: r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
+    if args.report_only:
+        write_report(results, " ".join(sys.argv))
+        return
+    if not args.runs:
+        parser.error("pass at least one run folder (or --report-only)")
     for run in args.runs:
         if not (run / "summary.json").is_file():
             parser.error(f"{run} is not a finished fine-tuning run (no summary.json); pass the --out folder of a "
                          "`simpo-robot finetune --algo simpo` run")
     torch.set_num_threads(1)
 
-    path = RESULTS / "critic_probe.json"
-    results = {r["run"]: r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
     for run in args.runs:
         saved = load_run(run)
         if saved.cfg.algo != "simpo":
@@ -89,6 +95,7 @@ def main() -> None:
         spec, loaded, agent = saved.spec, saved.loaded, saved.agent
         row = {"run": str(run.resolve().relative_to(ROOT)) if run.resolve().is_relative_to(ROOT) else str(run),
                "task": saved.cfg.task, "gamma": saved.cfg.gamma, "shaped_reward": saved.cfg.shaped_reward,
+               "n_step": saved.cfg.simpo.n_step,
                "env_steps": saved.summary["env_steps"], "actor_updates": saved.summary.get("actor_updates"),
                "particles": args.particles, "episodes": args.waves * args.num_envs}
         for pick in ("one sample", "best", "worst"):
@@ -105,10 +112,11 @@ def main() -> None:
 
 def write_report(results: dict, command: str) -> None:
     """The BENCHMARKS.md section "critic_probe" from every probed run (`command`: the last invocation)."""
-    rows = ["| run | reward | gamma | env steps | actor updates | episodes | N | one sample (%) | best of N by Q (%) "
-            "| worst of N by Q (%) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results.values():
-        rows.append(f"| `{r['run']}` | {'dense' if r['shaped_reward'] else 'sparse'} | {r['gamma']} | {r['env_steps']} | "
+    rows = ["| run | task | reward | gamma | TD chunks (n-step) | env steps | actor updates | episodes | N | one sample (%) "
+            "| best of N by Q (%) | worst of N by Q (%) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.values():  # (runs probed before n-step targets existed had 1)
+        rows.append(f"| `{r['run']}` | {r['task']} | {'dense' if r['shaped_reward'] else 'sparse'} | {r['gamma']} | "
+                    f"{r.get('n_step', 1)} | {r['env_steps']} | "
                     f"{r['actor_updates']} | {r['episodes']} | {r['particles']} | {r['one sample']:.1f} | "
                     f"{r['best']:.1f} | {r['worst']:.1f} |")
     table = "\n".join(rows)
