@@ -180,7 +180,8 @@ def _run(tiny_push, out, env_steps, *extra):
 def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tiny_push, tmp_path):
     from safetensors.torch import load_file
 
-    n_step = ("--simpo.n-step", "3")  # (episodes are stored whole: checkpoints fall between them)
+    # (episodes are stored whole: checkpoints fall between them; overlapped updates are waited for before them)
+    n_step = ("--simpo.n-step", "3", "--overlap-updates", "true")
     _run(tiny_push, tmp_path / "straight", 200, *n_step)
     _run(tiny_push, tmp_path / "interrupted", 100, *n_step)  # stops (and checkpoints) after the first episodes
     assert (tmp_path / "interrupted" / "checkpoints" / "last" / "trainer_rank0.pt").is_file()
@@ -225,7 +226,7 @@ def test_overlapped_updates_give_exactly_the_sequential_run(tiny_push, tmp_path,
         return update(self, *args, **kwargs)
 
     monkeypatch.setattr(SimpoAgent, "update", recorded)
-    _run(tiny_push, tmp_path / "overlapped", 200, "--log-every", "3")
+    _run(tiny_push, tmp_path / "overlapped", 200, "--log-every", "3", "--overlap-updates", "true")
     overlapped, threads = threads, []
     _run(tiny_push, tmp_path / "sequential", 200, "--log-every", "3", "--overlap-updates", "false")
     # critic rounds ran beside the collection, actor bursts in the main thread; without it, all in the main thread
@@ -321,7 +322,8 @@ def test_two_processes_keep_parameters_identical_and_double_env_steps_per_update
         args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--env-steps", "400",
                 "--simpo.learning-starts", "100", "--simpo.actor-starts", "100", "--num-envs", "2", "--final-eval-episodes", "1", "--eval-every", "0",
                 "--checkpoint-every", "200", "--simpo.batch-size", "8", "--simpo.actor-batch-size", "2",
-                "--simpo.particles", "4", "--simpo.actor-burst", "2", "--simpo.actor-every", "8", "--out", str(out)]
+                "--simpo.particles", "4", "--simpo.actor-burst", "2", "--simpo.actor-every", "8",
+                "--overlap-updates", "true", "--out", str(out)]  # (each rank's collectives stay in order)
         proc = subprocess.run([*launcher, "-m", "simpo_robot", *args], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads((out / "summary.json").read_text())

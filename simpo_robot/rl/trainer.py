@@ -114,11 +114,13 @@ class FinetuneConfig:
     """CPU threads per process. The networks are small: one thread per process (and more processes via
     `accelerate launch`) is much faster than intra-op threads, which oversubscribe a busy CPU (measured:
     20x slower particle sampling with 2 threads on 2 loaded cores)."""
-    overlap_updates: bool = True
+    overlap_updates: bool = False
     """Run the updates that follow a chunk (SiMPO's critic updates; never an actor burst or a DPPO update) in
     a second thread while the next chunk is collected, one CPU thread each, and wait for them before anything
-    else. The run is the same as without it (the same updates on the same data, the same random streams);
-    it is faster where a core is free, such as one run alone on the 2-core machine."""
+    else: the same updates on the same data with the same random streams, so with --torch-threads 1 the same run
+    bit for bit (with more threads the critic's float rounding differs). It needs a free core: alone on the 2
+    cores with --torch-threads 2 it was 1.08x faster (BENCHMARKS.md, "overlap"); beside another run it gains
+    nothing, which is why it is off by default."""
 
     def __post_init__(self):
         if self.algo not in ALGOS:
