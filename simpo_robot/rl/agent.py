@@ -67,7 +67,8 @@ class Agent(Protocol):
 
     def can_overlap(self, env_steps: int) -> bool:
         """Whether the next `update` may run while the next chunk is collected: it changes nothing that `act`
-        reads and draws nothing from the rank's sampling stream (`generator`), so the run is the same either way."""
+        reads and draws nothing from the rank's sampling stream (`generator`), so the run is the same either way
+        (up to float rounding when the sequential update would use more CPU threads)."""
         ...
 
     def synced_modules(self) -> list[nn.Module]:

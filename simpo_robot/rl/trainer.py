@@ -3,7 +3,8 @@
 Reads top to bottom (CleanRL-style):
     seed -> task, policy -> agent (SimpoAgent or DppoAgent) -> Accelerate prepare -> envs -> loop:
         collect one action chunk in every env with the agent's sampler (one MDP step) -> agent.observe
-        agent.update when it is ready (SiMPO: critic + particle-weighted denoising; DPPO: PPO epochs)
+        agent.update when it is ready (SiMPO: critic + particle-weighted denoising; DPPO: PPO epochs;
+            with --overlap-updates, SiMPO's critic-only rounds run in a second thread during the next collection)
         log (metrics.jsonl + TensorBoard), evaluate periodically (learning curve), checkpoint
     -> final evaluation (also deterministic: x_T = 0), OUT/final/ (LeRobot layout + training_info.json),
        eval_info.json (and eval_info_deterministic.json), curve PNG.
