@@ -35,11 +35,33 @@ CRITIC_RUN = ["finetune", "--policy", "pretrained/fetch_push", "--task", "fetch_
               "--simpo.buffer-size", "100000"]  # holds all 30k env steps whatever the default
 
 
-def probe(critic_run: Path, target_kl: float, updates: int, eval_at: list[int], waves: int) -> list[tuple[int, float]]:
-    """[(actor updates, success %)] for SiMPO actor updates against the run's frozen critic."""
+def parse_override(text: str) -> tuple[str, object]:
+    """"standardise_q=false" -> ("standardise_q", False): a SimpoConfig field and a value of its type."""
+    from dataclasses import fields
+
+    from simpo_robot.rl.simpo import SimpoConfig
+
+    name, _, value = text.partition("=")
+    kinds = {f.name: f.type for f in fields(SimpoConfig)}
+    if kinds.get(name) not in (bool, int, float, "bool", "int", "float") or not value:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE with a bool, int or float field of SimpoConfig")
+    kind = kinds[name] if isinstance(kinds[name], type) else {"bool": bool, "int": int, "float": float}[kinds[name]]
+    if kind is bool:
+        if value.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"{text!r}: {name} is true or false")
+        return name, value.lower() == "true"
+    return name, kind(value)
+
+
+def probe(critic_run: Path, target_kl: float, updates: int, eval_at: list[int], waves: int,
+          overrides: dict | None = None) -> list[tuple[int, float]]:
+    """[(actor updates, success %)] for SiMPO actor updates against the run's frozen critic (`overrides`: SimpoConfig
+    fields changed for the actor updates)."""
     saved = load_run(critic_run)
     spec, loaded, agent = saved.spec, saved.loaded, saved.agent
     agent.temperature.target_kl = target_kl
+    for name, value in (overrides or {}).items():
+        setattr(agent.cfg, name, value)
     generator, cpu_generator = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     curve = [(0, play_agent(spec, loaded, agent, 1, "one sample", waves, 16))]
     print(f"KL {target_kl}: 0 updates: {curve[-1][1]:.1f}%", flush=True)
@@ -70,7 +92,11 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=300)
     parser.add_argument("--eval-at", nargs="+", type=int, default=[50, 150, 300])
     parser.add_argument("--waves", type=int, default=13, help="rounds of 16 episodes per evaluation")
+    parser.add_argument("--override", action="append", type=parse_override, default=[], metavar="FIELD=VALUE",
+                        help="change a SimpoConfig field for the actor updates, e.g. standardise_q=false (repeatable)")
     args = parser.parse_args()
+    overrides = dict(args.override)
+    label = " ".join(f"{k}={v}" for k, v in overrides.items())
     if args.updates < 1 or any(not 1 <= u <= args.updates for u in args.eval_at):
         parser.error("--updates must be >= 1 and every --eval-at between 1 and --updates")
     torch.set_num_threads(1)
@@ -80,21 +106,23 @@ def main() -> None:
         subprocess.run(cmd, check=True, cwd=ROOT)
 
     path = RESULTS / "actor_probe.json"
-    results = {(r["critic_run"], r["target_kl"]): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
+    results = ({(r["critic_run"], r["target_kl"], r.get("overrides", "")): r for r in json.loads(path.read_text())["runs"]}
+               if path.exists() else {})
     for kl in args.target_kls:
-        curve = probe(args.critic_run, kl, args.updates, sorted(set(args.eval_at)), args.waves)
+        curve = probe(args.critic_run, kl, args.updates, sorted(set(args.eval_at)), args.waves, overrides)
         run = str(args.critic_run.resolve().relative_to(ROOT)) if args.critic_run.resolve().is_relative_to(ROOT) \
             else str(args.critic_run)
-        results[(run, kl)] = {"critic_run": run, "target_kl": kl, "episodes": 16 * args.waves, "curve": curve}
+        results[(run, kl, label)] = {"critic_run": run, "target_kl": kl, **({"overrides": label} if label else {}),
+                                     "episodes": 16 * args.waves, "curve": curve}
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"runs": list(results.values())}, indent=2))
 
     points = sorted({u for r in results.values() for u, _ in r["curve"]})
-    rows = ["| critic run | target KL | " + " | ".join(f"{u} updates (%)" for u in points) + " |",
-            "|---|---|" + "---|" * len(points)]
+    rows = ["| critic run | target KL | changed | " + " | ".join(f"{u} updates (%)" for u in points) + " |",
+            "|---|---|---|" + "---|" * len(points)]
     for r in results.values():
         success = dict(r["curve"])
-        rows.append(f"| `{r['critic_run']}` | {r['target_kl']} | " +
+        rows.append(f"| `{r['critic_run']}` | {r['target_kl']} | {r.get('overrides', '')} | " +
                     " | ".join(f"{success[u]:.1f}" if u in success else "" for u in points) + " |")
     table = "\n".join(rows)
     print(table)
