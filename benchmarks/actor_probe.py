@@ -42,10 +42,11 @@ def parse_override(text: str) -> tuple[str, object]:
     from simpo_robot.rl.simpo import SimpoConfig
 
     name, _, value = text.partition("=")
-    kinds = {f.name: f.type for f in fields(SimpoConfig)}
-    if kinds.get(name) not in (bool, int, float, "bool", "int", "float") or not value:
+    kind = {f.name: f.type for f in fields(SimpoConfig)}.get(name)
+    if kind not in (bool, int, float) or not value:
         raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE with a bool, int or float field of SimpoConfig")
-    kind = kinds[name] if isinstance(kinds[name], type) else {"bool": bool, "int": int, "float": float}[kinds[name]]
+    if name == "target_kl":
+        raise argparse.ArgumentTypeError("the target KL is --target-kls")
     if kind is bool:
         if value.lower() not in ("true", "false"):
             raise argparse.ArgumentTypeError(f"{text!r}: {name} is true or false")

@@ -298,7 +298,8 @@ def report(runs: list[dict], args) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["task"], r.get("policy_type", "diffusion"), r["algo"], r["weighting"], r["negative_bound"],
-                           r["env_steps"], r.get("finetune_args", "")), []).append(r)
+                           r["env_steps"], r.get("finetune_args", "") + (f" [{r['variant']}]" if r.get("variant") else "")),
+                          []).append(r)
     tasks = sorted({g[0] for g in groups})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.5), squeeze=False)
     colors: dict[tuple, str] = {}

@@ -27,7 +27,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def run(task: str, env_steps: int, threads: int, overlap: bool, out: Path) -> dict:
-    """One fine-tuning run; its summary.json plus its final weights' path."""
+    """One fine-tuning run into `out`; its summary.json."""
     args = [sys.executable, "-m", "simpo_robot", "finetune", "--policy", str(ROOT / "pretrained" / task), "--task", task,
             "--algo", "simpo", "--weighting", "linear", "--negative-bound", "-0.5", "--env-steps", str(env_steps),
             "--seed", "0", "--eval-every", "0", "--final-eval-episodes", "16", "--deterministic-eval", "false",

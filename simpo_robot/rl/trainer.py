@@ -563,9 +563,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             # --- checkpoint (between episodes, so the envs' next state is given by the episode seeds) --
             # (also at the end of the run, so that a finished run can be extended with --resume)
             at_end = counters.env_steps >= cfg.env_steps
-            if counters.env_steps >= next_ckpt or at_end:
+            checkpoint_due = counters.env_steps >= next_ckpt or at_end
+            if checkpoint_due:
                 finish_updates()
-            if (counters.env_steps >= next_ckpt or at_end) and cfg.checkpoint_every and _everyone(
+            if checkpoint_due and cfg.checkpoint_every and _everyone(
                     accelerator, rollout.between_episodes, device):
                 next_ckpt = (counters.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
                 rank_state = {
