@@ -25,7 +25,7 @@ from simpo_robot.rl.trainer import load_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from critic_probe import play_agent  # noqa: E402
-from report import machine, today, write_section  # noqa: E402
+from report import invocation, machine, today, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -128,7 +128,7 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     body = (f"## SiMPO's actor update against a fixed critic (`benchmarks/actor_probe.py`)\n\n"
-            f"Command (the last invocation; the table keeps every probe): `.venv/bin/python {' '.join(sys.argv)}`\n"
+            f"Command (the last invocation; the table keeps every probe): `{invocation()}`\n"
             f"Machine: {machine()}\nDate: {today()}\n\n"
             "The critic of a critic-only run on the pretrained policy's data is frozen; SiMPO actor updates "
             "(batch 32 states x 16 particles, pi_old refreshed every 50) run on states from its replay buffer, "

@@ -23,7 +23,7 @@ import torch
 from simpo_robot.rl.trainer import load_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, today, write_section  # noqa: E402
+from report import invocation, machine, today, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -78,7 +78,7 @@ def main() -> None:
     path = RESULTS / "critic_probe.json"
     results = {r["run"]: r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
     if args.report_only:
-        write_report(results, " ".join(sys.argv))
+        write_report(results, invocation())
         return
     if not args.runs:
         parser.error("pass at least one run folder (or --report-only)")
@@ -107,7 +107,7 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"runs": list(results.values())}, indent=2))
 
-    write_report(results, " ".join(sys.argv))
+    write_report(results, invocation())
 
 
 def write_report(results: dict, command: str) -> None:
@@ -122,7 +122,7 @@ def write_report(results: dict, command: str) -> None:
     table = "\n".join(rows)
     print(table)
     body = (f"## Does the critic rank the policy's chunks? (`benchmarks/critic_probe.py`)\n\n"
-            f"Command (the last invocation; the table keeps every run probed): `.venv/bin/python {command}`\n"
+            f"Command (the last invocation; the table keeps every run probed): `{command}`\n"
             f"Machine: {machine()}\nDate: {today()}\n\n"
             "Each run's policy plays its task on evaluation seeds 1000+i (the episodes column: per column) taking one "
             "sample per decision, or the best / worst of N samples by the run's critic (min of the twins).\n\n"

@@ -38,7 +38,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, today, write_section  # noqa: E402
+from report import invocation, machine, today, write_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ALGOS = {
@@ -330,7 +330,7 @@ def report(runs: list[dict], args) -> None:
     fig.savefig(RESULTS / "finetune.png", dpi=100, bbox_inches="tight")
     body = (f"## Fine-tuning the shipped checkpoints (`benchmarks/finetune.py`)\n\n"
             f"Command (the last invocation; the table has every run in `benchmarks/results/finetune.json`, "
-            f"each with its own flags): `.venv/bin/python {' '.join(sys.argv)}`\nMachine: {machine()}\nDate: {today()}\n\n"
+            f"each with its own flags): `{invocation()}`\nMachine: {machine()}\nDate: {today()}\n\n"
             "Success is over the same evaluation episodes before and after (seeds 1000+i); curves are the "
             "mean over seeds. `deterministic` is the same with every chunk sampled from x_T = 0 "
             "(`simpo-robot eval --noise_scale 0`). `env steps/s` compares fine-tuning throughput (collection, updates and the "

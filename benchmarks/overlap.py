@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, today, write_section  # noqa: E402
+from report import invocation, machine, today, write_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -89,7 +89,7 @@ def main() -> None:
         "task": args.task, "env_steps": args.env_steps, "torch_threads": args.torch_threads, "chunks": chunks,
         "critic_updates": updates, "wall_s": {"off": walls[False], "on": walls[True]}, "speedup": speedup,
         "saved_ms_per_chunk": saved_ms, "max_weight_difference": difference}, indent=2))
-    command = " ".join([".venv/bin/python benchmarks/overlap.py", *sys.argv[1:]])
+    command = invocation()
     write_section("overlap", (
         "## Critic updates beside the collection (`benchmarks/overlap.py`)\n\n"
         f"Command: `{command}`\nMachine: {machine()}\nDate: {today()}\n\n"

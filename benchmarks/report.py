@@ -8,6 +8,8 @@ import datetime
 import os
 import platform
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +31,11 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{os.cpu_count()} CPU cores ({cpu}), {gpu}; Python {platform.python_version()}, "
             f"torch {torch.__version__}, {platform.system()} {platform.release()}")
+
+
+def invocation() -> str:
+    """The command that is running, as one would type it in the repository root (arguments shell-quoted)."""
+    return shlex.join([".venv/bin/python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
 def today() -> str:

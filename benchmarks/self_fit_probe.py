@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, today, write_section  # noqa: E402
+from report import invocation, machine, today, write_section  # noqa: E402
 
 VARIANTS = {  # name: (particle steps, clip particles, self_fit)
     "paper loss, 5 DDIM steps, clipped": (5, True, "samples"),
@@ -95,7 +95,7 @@ def main() -> None:
     print(table)
     write_section("self_fit_probe", (
         "## SiMPO's actor update with uniform weights (`benchmarks/self_fit_probe.py`)\n\n"
-        f"Command: `.venv/bin/python {' '.join(sys.argv)}`\nMachine: {machine()}\nDate: {today()}\n\n"
+        f"Command: `{invocation()}`\nMachine: {machine()}\nDate: {today()}\n\n"
         f"{args.updates} actor updates (32 states x 16 particles, Adam lr 3e-5, pi_old refreshed every 50) "
         "with every weight equal, from the shipped `pretrained/fetch_push`; success over episodes 1000+i "
         f"({args.episodes} episodes). The pretrained policy itself: 42% on 50 of these episodes.\n\n"

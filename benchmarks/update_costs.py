@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, today, write_section  # noqa: E402
+from report import invocation, machine, today, write_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -106,7 +106,7 @@ def main() -> None:
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "update_costs.json").write_text(json.dumps({"task": args.task, "pieces": results}, indent=2))
-    command = " ".join([".venv/bin/python benchmarks/update_costs.py", *sys.argv[1:]])
+    command = invocation()
     write_section("update_costs", (
         "## What the pieces of a fine-tuning step cost (`benchmarks/update_costs.py`)\n\n"
         f"Command: `{command}`\nMachine: {machine()}\nDate: {today()}\n\n"
