@@ -9,7 +9,8 @@ plus `pc_success_ci95` (Wilson interval, percent), `n_episodes`, `task`, `policy
 Episode i is reset with seed `seed + i`; diffusion sampling noise is seeded per batch from the same seed,
 so the same command gives the same result. `noise_scale` scales the sampler's initial noise x_T (1: the policy as
 trained; 0: every chunk starts from x_T = 0, a deterministic policy with DDIM or flow sampling, as RL evaluates
-SAC's mean action). An episode succeeds when `info[success_key]` is true at its
+SAC's mean action). `best_of` N > 1 acts by the critic a SiMPO fine-tuning run saved beside the policy: N chunks
+per decision, the highest-Q one executed (`simpo_robot.rl.best_of`). An episode succeeds when `info[success_key]` is true at its
 last step (termination or truncation), as in `lerobot-eval`.
 """
 
@@ -20,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,10 @@ class EvalConfig:
     torch_threads: int = 1
     """CPU threads for torch. Float rounding differs with the thread count and can flip a borderline episode;
     1 is what `finetune` uses, so its before/after numbers reproduce here."""
+    best_of: int = 1
+    """Act by the critic: sample this many chunks per decision and execute the one with the highest Q (the
+    reference SiMPO recipe evaluates with 10). Needs the critic that `finetune --algo simpo` saves in final/;
+    costs this many times the sampling. 1: the policy alone."""
 
     def overrides(self) -> dict[str, int]:
         """The policy config fields this evaluation changes."""
@@ -71,6 +76,10 @@ class EvalConfig:
             raise ValueError(f"num_inference_steps and n_action_steps must be >= 1, got {self.overrides()}")
         if not (math.isfinite(self.noise_scale) and self.noise_scale >= 0):
             raise ValueError(f"noise_scale must be a finite number >= 0, got {self.noise_scale}")
+        if self.best_of < 1:
+            raise ValueError(f"best_of must be >= 1, got {self.best_of}")
+        if self.best_of > 1 and self.noise_scale != 1.0:
+            raise ValueError("best_of > 1 samples chunks with the policy's own noise; leave noise_scale at 1")
         if self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.episodes <= 0:
@@ -232,6 +241,12 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     torch.set_num_threads(cfg.torch_threads)
     spec = load_task(cfg.task)
     loaded = load_policy(cfg.policy, device=cfg.device, overrides=cfg.overrides())
+    if cfg.best_of > 1:
+        from simpo_robot.rl.best_of import BestOfN
+        from simpo_robot.rl.critic import load_critic
+
+        critic, _ = load_critic(loaded.path)
+        loaded = replace(loaded, policy=BestOfN(loaded.policy, critic, cfg.best_of))
     out = Path(cfg.out) if cfg.out is not None else Path("outputs/eval") / spec.name
     try:
         result = evaluate_policy(loaded, spec, cfg.episodes, cfg.seed, cfg.batch_size, cfg.videos, out / "videos",
@@ -241,12 +256,14 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
             raise SimpoRobotError(f"rendering failed ({exc}); set MUJOCO_GL=egl (or osmesa) for --videos.") from exc
         raise
     out.mkdir(parents=True, exist_ok=True)
-    info = result.to_eval_info(task=spec.name, policy=str(cfg.policy), seed=cfg.seed, noise_scale=cfg.noise_scale)
+    info = result.to_eval_info(task=spec.name, policy=str(cfg.policy), seed=cfg.seed, noise_scale=cfg.noise_scale,
+                               best_of=cfg.best_of)
     (out / "eval_info.json").write_text(json.dumps(info, indent=2))
     lo, hi = result.ci95
     k = sum(e.success for e in result.per_episode)
     message = (f"{spec.name}: success {100 * result.success_rate:.1f}% ({k}/{cfg.episodes}), "
                f"95% CI [{100 * lo:.1f}, {100 * hi:.1f}]%, seeds {cfg.seed}..{cfg.seed + cfg.episodes - 1}, "
-               f"noise scale {cfg.noise_scale:g}, {result.eval_s:.1f}s; wrote {out / 'eval_info.json'}")
+               f"noise scale {cfg.noise_scale:g}{f', best of {cfg.best_of} by Q' if cfg.best_of > 1 else ''}, "
+               f"{result.eval_s:.1f}s; wrote {out / 'eval_info.json'}")
     log.info(message)
     return result

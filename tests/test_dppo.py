@@ -105,6 +105,7 @@ def test_dppo_cli_end_to_end(tiny_push, tmp_path):
     assert any("losses/policy" in m and "losses/value" in m for m in metrics)
     info = json.loads((out / "final" / "training_info.json").read_text())
     assert info["algorithm"] == "dppo" and info["algorithm_params"]["ft_denoising_steps"] == 2
+    assert not (out / "final" / "critic.json").exists()  # a state value cannot rank chunks: nothing to act by
     before = load_policy(tiny_push).policy.state_dict()
     after = load_policy(out / "final").policy.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -146,6 +146,13 @@ def test_finetune_cli_end_to_end(tiny_push, tmp_path):
     before = load_policy(tiny_push).policy.state_dict()
     after = reloaded.policy.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    # the critic ships beside the policy, and `eval --best_of` acts by it
+    card = json.loads((out / "final" / "critic.json").read_text())
+    assert card["trained_on"] == {"task": "fetch_push", "gamma": 0.99, "env_steps": info["env_steps"],
+                                  "env_kwargs": {"reward_type": "dense"}}
+    assert main(["eval", "--policy", str(out / "final"), "--task", "fetch_push", "--episodes", "2", "--best_of", "3",
+                 "--out", str(tmp_path / "best_of")]) == 0
+    assert json.loads((tmp_path / "best_of" / "eval_info.json").read_text())["best_of"] == 3
     # a second run into the same folder is refused instead of overwriting it
     assert main(args) == 1
 

@@ -6,10 +6,18 @@ Shape glossary
     Dc  flattened executed chunk (n_action_steps x action dims, normalised)
 """
 
-from typing import NamedTuple
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from simpo_robot.errors import SimpoRobotError
+
+CRITIC_WEIGHTS = "critic.safetensors"
+CRITIC_CONFIG = "critic.json"
 
 
 class TwinQ(NamedTuple):
@@ -35,6 +43,7 @@ class TwinCritic(nn.Module):
 
     def __init__(self, obs_dim: int, chunk_dim: int, hidden: tuple[int, ...] = (256, 256), layer_norm: bool = False):
         super().__init__()
+        self.obs_dim, self.chunk_dim, self.hidden, self.layer_norm = obs_dim, chunk_dim, tuple(hidden), layer_norm
         self.q1 = mlp(obs_dim + chunk_dim, hidden, 1, layer_norm)
         self.q2 = mlp(obs_dim + chunk_dim, hidden, 1, layer_norm)
 
@@ -54,3 +63,51 @@ def ema_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """target <- (1 - tau) * target + tau * source, parameter by parameter."""
     for t, s in zip(target.parameters(), source.parameters(), strict=True):
         t.lerp_(s, tau)
+
+
+@dataclass(frozen=True)
+class CriticCard:
+    """What `critic.json` records beside a fine-tuned policy: the twin critic's shape and what it was trained on."""
+
+    obs_dim: int
+    chunk_dim: int
+    hidden: tuple[int, ...]
+    layer_norm: bool
+    trained_on: dict[str, Any]
+    """task, training reward (env kwargs), gamma and env steps of the run whose last phase fitted it."""
+
+
+def save_critic(folder: str | Path, critic: TwinCritic, trained_on: dict[str, Any]) -> None:
+    """Write `critic.safetensors` and `critic.json` into `folder` (a fine-tuned policy's LeRobot folder; stock
+    LeRobot ignores both files)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    card = CriticCard(critic.obs_dim, critic.chunk_dim, critic.hidden, critic.layer_norm, trained_on)
+    save_file({k: v.detach().cpu().contiguous() for k, v in critic.state_dict().items()}, folder / CRITIC_WEIGHTS)
+    (folder / CRITIC_CONFIG).write_text(json.dumps(asdict(card), indent=2))
+
+
+def load_critic(folder: str | Path) -> tuple[TwinCritic, CriticCard]:
+    """The twin critic saved beside a policy by `save_critic` (strict load), in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config, weights = folder / CRITIC_CONFIG, folder / CRITIC_WEIGHTS
+    if not config.is_file() or not weights.is_file():
+        raise SimpoRobotError(
+            f"{folder} has no critic ({CRITIC_CONFIG} and {CRITIC_WEIGHTS}); acting by the critic needs the final/ "
+            "folder of a `simpo-robot finetune --algo simpo` run (DPPO and pretrained policies have none).")
+    try:
+        raw = json.loads(config.read_text())
+        card = CriticCard(**{**raw, "hidden": tuple(raw["hidden"])})
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise SimpoRobotError(f"{config} is not a critic card written by simpo-robot (corrupt?): {exc}") from exc
+    critic = TwinCritic(card.obs_dim, card.chunk_dim, card.hidden, card.layer_norm)
+    try:
+        critic.load_state_dict(load_file(weights), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise SimpoRobotError(f"{weights} does not load into the critic {config} describes (corrupt or "
+                              f"mismatched checkpoint?): {exc}") from exc
+    return critic.eval(), card

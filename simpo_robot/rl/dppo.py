@@ -334,5 +334,8 @@ class DppoAgent:
         self.iterations += 1
         return metrics | {"dppo/iterations": self.iterations, "dppo/adv_mean": adv.mean().item()}
 
+    def acting_critic(self, unwrap) -> None:
+        return None  # DPPO learns a state value, which cannot rank chunks
+
     def summary(self) -> dict[str, Any]:
         return {"ppo_iterations": self.iterations}

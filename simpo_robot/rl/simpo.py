@@ -420,6 +420,10 @@ class SimpoAgent:
     def _sample(self, batch_size: int, cpu_generator: torch.Generator) -> SimpoTransition:
         return SimpoTransition(*(x.to(self.device) for x in self.buffer.sample(batch_size, cpu_generator)))
 
+    def acting_critic(self, unwrap) -> TwinCritic:
+        # The online critic: after the last actor burst it is refitted to the final policy's own data.
+        return unwrap(self.critic)
+
     def summary(self) -> dict[str, Any]:
         return {"critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
                 "particle_s": self.particle_seconds}

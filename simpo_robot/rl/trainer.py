@@ -34,6 +34,7 @@ from simpo_robot.logging_utils import console
 from simpo_robot.rl.actor import DiffusionActor, FlowActor, make_actor
 from simpo_robot.rl.agent import Agent, ChunkBatch
 from simpo_robot.rl.chunks import chunk_return
+from simpo_robot.rl.critic import save_critic
 from simpo_robot.rl.dppo import DppoAgent, DppoConfig
 from simpo_robot.rl.metrics import MetricsLogger, plot_learning_curve
 from simpo_robot.rl.replay import Transition
@@ -597,7 +598,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         logger.log(counters.env_steps, {"eval/pc_success": 100 * after.success_rate})
         deterministic = (before_det, after_det) if before_det is not None and after_det is not None else None
         summary = _write_outputs(cfg, out, spec, policy, pre, post, save_policy, before, after, curve, counters, wall,
-                                 sim_seconds, deterministic)
+                                 sim_seconds, deterministic, agent.acting_critic(accelerator.unwrap_model))
         summary |= {"num_processes": world, "rank_param_divergence": divergence, **agent.summary()}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
@@ -617,14 +618,18 @@ def _algo_label(cfg: FinetuneConfig) -> str:
 
 
 def _write_outputs(cfg, out, spec, policy, pre, post, save_policy, before, after, curve, counters, wall,
-                   sim_seconds, deterministic=None) -> dict[str, Any]:
+                   sim_seconds, deterministic=None, critic=None) -> dict[str, Any]:
     """Write final/ (shareable artifact + training_info.json + curve), eval_info.json and the curve PNG.
 
-    `deterministic`: (before block, after EvalResult) at noise scale 0, or None (not measured)."""
+    `deterministic`: (before block, after EvalResult) at noise scale 0, or None (not measured).
+    `critic`: a TwinCritic saved beside the policy (critic.safetensors, critic.json) for best-of-N acting, or None."""
     final = out / "final"
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_policy(policy, tmp, pre, post)
+    if critic is not None:
+        save_critic(tmp, critic, {"task": spec.name, "gamma": cfg.gamma, "env_steps": counters.env_steps,
+                                  "env_kwargs": (spec.training() if cfg.shaped_reward else spec).env_kwargs})
     plot_learning_curve(curve, tmp / "learning_curve.png", title=f"{_algo_label(cfg)} on {spec.name}")
     shutil.copy(tmp / "learning_curve.png", out / "learning_curve.png")
     info = {
