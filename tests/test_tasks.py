@@ -124,3 +124,5 @@ def test_training_envs_get_the_dense_reward_and_the_same_success_signal():
         env.close()
     assert rewards["sparse"][0] == -1.0 and not rewards["sparse"][2]  # the block starts away from the goal
     assert rewards["dense"][0] == pytest.approx(-rewards["dense"][1]) and not rewards["dense"][2]
+    # fetch_pick_place trains on its own sparse reward: its dense-reward critic could not rank chunks
+    assert load_task("fetch_pick_place").training().env_kwargs == {"reward_type": "sparse"}

@@ -110,8 +110,9 @@ class FinetuneConfig:
     policy; default: the checkpoint's. With a flow policy, 1 (and --simpo.particle-steps 1) fine-tunes
     1.7x faster than the diffusion policy at 10 (BENCHMARKS.md, sixth round)."""
     shaped_reward: bool = True
-    """Train on the task's `training_env_kwargs` (Fetch: the dense reward, minus the goal distance). Success,
-    evaluation and the learning curve always use the task's own reward and success signal."""
+    """Train on the task's `training_env_kwargs` (fetch_push, reach and slide: the dense reward, minus the goal
+    distance; fetch_pick_place has none and trains on its sparse reward). Success, evaluation and the learning
+    curve always use the task's own reward and success signal."""
     torch_threads: int = 1
     """CPU threads per process. The networks are small: one thread per process (and more processes via
     `accelerate launch`) is much faster than intra-op threads, which oversubscribe a busy CPU (measured:
