@@ -15,6 +15,8 @@ benchmarks/results/finetune.json (a rerun of a (task, algo, weighting, bound, se
 and a plot go to BENCHMARKS.md (section "finetune"). Runs also record success with the sampler started from x_T = 0
 (finetune's --deterministic-eval); --measure-deterministic adds it to recorded runs that lack it, with
 `simpo-robot eval --noise_scale 0` on the base checkpoint and on the run's final/ (the same episodes).
+After each SiMPO run, benchmarks/best_of.py plays its final policy by its critic (the best of --best-of chunks by Q,
+as the reference recipe evaluates; not counted in the run's wall time); the table shows it where measured.
 
 A run that was stopped (killed, or its session ended) goes on from its last resumable checkpoint (taken every 10k
 env steps) when the same command is run again. Its wall time is each invocation's time up to the last checkpoint it
@@ -189,9 +191,8 @@ def deterministic_success(policy: Path, task: str, episodes: int, num_inference_
 
 def measure_deterministic(run: dict) -> dict:
     """The recorded run with its deterministic success before and after (from its final/ folder)."""
-    name = next(n for n, (a, w, b) in ALGOS.items() if (a, w, b) == (run["algo"], run["weighting"], run["negative_bound"]))
     kind = run.get("policy_type", "diffusion")
-    final = run_dir(run["task"], kind, name, run["seed"], run.get("variant", "")) / "final"
+    final = recorded_dir(run) / "final"
     info_file = final / "training_info.json"
     if not info_file.is_file() or json.loads(info_file.read_text())["env_steps"] != run["env_steps"]:
         raise SystemExit(f"{final} is not the recorded run's ({run['env_steps']} env steps); rerun it instead")
@@ -241,6 +242,8 @@ def main() -> None:
                              "(RUN-VARIANT) and their own records, beside the grid's runs of the same algorithm and seed")
     parser.add_argument("--measure-deterministic", action="store_true",
                         help="measure the deterministic success (x_T = 0) of the selected recorded runs that lack it")
+    parser.add_argument("--best-of", type=int, default=10,
+                        help="after each SiMPO run, also evaluate it acting by its critic (best of N chunks; 0: skip)")
     parser.add_argument("--extend", action="store_true",
                         help="continue the recorded runs from their last checkpoints up to --env-steps (--resume); "
                              "wall time adds up, the curve goes on")
@@ -272,6 +275,10 @@ def main() -> None:
         for seed in args.seeds:
             run = run_one(task, kind, name, seed, args) | {"raw_sim_steps_per_s": raw[task]}
             runs = save_run(path, run)
+            if run["algo"] == "simpo" and args.best_of > 1:
+                subprocess.run([sys.executable, str(ROOT / "benchmarks" / "best_of.py"),
+                                str(run_dir(task, kind, name, seed, args.variant)), "--n", str(args.best_of),
+                                "--episodes", str(args.final_eval_episodes)], check=True)
             print(f"{task} {kind} {name} seed {seed}: {run['pc_success_before']:.0f}% -> {run['pc_success_after']:.0f}% "
                   f"in {run['env_steps']} env steps, {run['wall_s']:.0f} s, {run['peak_rss_mb']:.0f} MB", flush=True)
     report(list(runs.values()), args)
@@ -286,24 +293,45 @@ def wall_minutes(rs: list[dict]) -> str:
     return ", ".join(([f"{np.mean(shared):.1f}"] if shared else []) + alone)
 
 
+def recorded_dir(run: dict) -> Path:
+    """The output folder of a recorded run."""
+    name = next(n for n, (a, w, b) in ALGOS.items() if (a, w, b) == (run["algo"], run["weighting"], run["negative_bound"]))
+    return run_dir(run["task"], run.get("policy_type", "diffusion"), name, run["seed"], run.get("variant", ""))
+
+
+def run_path(run: dict) -> str:
+    """The recorded run's output folder relative to the repository, as benchmarks/best_of.py names it."""
+    return str(recorded_dir(run).relative_to(ROOT))
+
+
+def best_of_results(n: int) -> dict[str, dict]:
+    """benchmarks/best_of.py's rows for N = n, by run folder."""
+    path = RESULTS / "best_of.json"
+    rows = json.loads(path.read_text())["runs"] if path.exists() else []
+    return {r["run"]: r for r in rows if r["n"] == n}
+
+
 def report(runs: list[dict], args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    best_of = best_of_results(args.best_of)
     rows = ["| task | algorithm | extra flags | seeds | env steps | success before (%) | success after (%) | "
-            "deterministic before -> after (%) | wall (min) | peak RSS (MB) | env steps/s (train / raw sim) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"deterministic before -> after (%) | best of {args.best_of} by Q after (%) | wall (min) | peak RSS (MB) | "
+            "env steps/s (train / raw sim) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["task"], r.get("policy_type", "diffusion"), r["algo"], r["weighting"], r["negative_bound"],
-                           r["env_steps"], r.get("finetune_args", "") + (f" [{r['variant']}]" if r.get("variant") else "")),
+                           r["env_steps"], r.get("finetune_args", ""), r.get("variant", "")),
                           []).append(r)
     tasks = sorted({g[0] for g in groups})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.5), squeeze=False)
     colors: dict[tuple, str] = {}
-    for (task, kind, algo, weighting, bound, steps, extra), rs in sorted(groups.items(), key=str):
+    for (task, kind, algo, weighting, bound, steps, flags, variant), rs in sorted(groups.items(), key=str):
+        extra = " ".join(([f"`{flags}`"] if flags else []) + ([f"[{variant}]"] if variant else []))
         label = f"simpo {weighting} (b={bound:g})" if algo == "simpo" else algo
         label += " [flow]" if kind == "flow" else ""
         before = [r["pc_success_before"] for r in rs]
@@ -312,16 +340,19 @@ def report(runs: list[dict], args) -> None:
         deterministic = (f"{np.mean([r['pc_success_deterministic_before'] for r in measured]):.1f} -> "
                          f"{np.mean([r['pc_success_deterministic_after'] for r in measured]):.1f}"
                          + (f" ({len(measured)} of {len(rs)} seeds)" if len(measured) < len(rs) else "")) if measured else "-"
+        by_q = [best_of[p] for r in rs if (p := run_path(r)) in best_of and best_of[p]["env_steps"] == r["env_steps"]]
+        by_q_text = (f"{np.mean([b['best_of_n'] for b in by_q]):.1f}"
+                     + (f" ({len(by_q)} of {len(rs)} seeds)" if len(by_q) < len(rs) else "")) if by_q else "-"
         rows.append(
-            f"| {task} | {label} | {f'`{extra}`' if extra else ''} | {len(rs)} | {steps} | {np.mean(before):.1f} | "
-            f"{np.mean(after):.1f} ± {np.std(after):.1f} | {deterministic} | {wall_minutes(rs)} | "
+            f"| {task} | {label} | {extra} | {len(rs)} | {steps} | {np.mean(before):.1f} | "
+            f"{np.mean(after):.1f} ± {np.std(after):.1f} | {deterministic} | {by_q_text} | {wall_minutes(rs)} | "
             f"{max(r['peak_rss_mb'] for r in rs):.0f} | "
             f"{np.mean([r['env_steps_per_s'] for r in rs]):.0f} / {np.mean([r['raw_sim_steps_per_s'] for r in rs]):.0f} |")
         ax = axes[0][tasks.index(task)]
         curve = np.array(rs[0]["curve"])
         color = colors.setdefault((label, extra, steps), f"C{len(colors) % 10}")  # one colour per method in both panels
         ax.plot(curve[:, 0], np.mean([np.array(r["curve"])[:, 1] for r in rs if len(r["curve"]) == len(curve)], 0),
-                marker="o", color=color, label=f"{label} {extra}".strip() + f", {steps // 1000}k, {len(rs)} seed{'s' if len(rs) > 1 else ''}")
+                marker="o", color=color, label=f"{label} {extra.replace('`', '')}".strip() + f", {steps // 1000}k, {len(rs)} seed{'s' if len(rs) > 1 else ''}")
         ax.set_title(task)
         ax.set_xlabel("env steps")
         ax.set_ylabel("success (%)")
@@ -333,7 +364,8 @@ def report(runs: list[dict], args) -> None:
             f"each with its own flags): `{invocation()}`\nMachine: {machine()}\nDate: {today()}\n\n"
             "Success is over the same evaluation episodes before and after (seeds 1000+i); curves are the "
             "mean over seeds. `deterministic` is the same with every chunk sampled from x_T = 0 "
-            "(`simpo-robot eval --noise_scale 0`). `env steps/s` compares fine-tuning throughput (collection, updates and the "
+            "(`simpo-robot eval --noise_scale 0`). `best of N by Q` is the final policy acting by its critic "
+            "(`simpo-robot eval --best_of N`, the same episodes; section \"best_of\"). `env steps/s` compares fine-tuning throughput (collection, updates and the "
             "periodic evaluations) with the vectorised simulator alone, measured in the same invocation.\n\n"
             + "\n".join(rows) + "\n\n![learning curves](benchmarks/results/finetune.png)\n")
     write_section("finetune", body)

@@ -1,0 +1,112 @@
+"""Fine-tuned SiMPO agents acting by their critic: the policy alone against the best of N chunks by Q.
+
+    .venv/bin/python benchmarks/best_of.py outputs/benchmarks/fetch_push-simpo-linear-s0 --n 10
+
+The reference SiMPO recipe evaluates with the best of 10 actions by Q. For each finished `finetune --algo simpo`
+run this plays the run's final policy on the final evaluation's episodes (seeds 1000+i) through
+`simpo-robot eval`, once alone and once with `--best_of N`, using the critic saved in the run's final/ folder.
+Runs that finished before `finetune` saved its critic get it written there first, from their last resumable
+checkpoint (the same state: the last checkpoint is taken at the end of the run). Writes
+benchmarks/results/best_of.json and the BENCHMARKS.md section "best_of".
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import invocation, machine, today, write_section  # noqa: E402
+
+
+def ensure_critic(run: Path) -> None:
+    """Write final/critic.* from the run's last checkpoint if the run predates them (checked: same env steps)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    from simpo_robot.rl.critic import CRITIC_CONFIG, save_critic
+    from simpo_robot.rl.trainer import load_run
+
+    final = run / "final"
+    if (final / CRITIC_CONFIG).is_file():
+        return
+    saved = load_run(run)
+    info = json.loads((final / "training_info.json").read_text())
+    if saved.cfg.algo != "simpo" or info["env_steps"] != saved.summary.get("env_steps"):
+        raise SystemExit(f"{run}: not a finished SiMPO run whose last checkpoint is its final policy")
+    spec = saved.spec.training() if saved.cfg.shaped_reward else saved.spec
+    save_critic(final, saved.agent.acting_critic(extract_model_from_parallel),
+                {"task": spec.name, "gamma": saved.cfg.gamma, "env_steps": info["env_steps"],
+                 "env_kwargs": spec.env_kwargs})
+
+
+def success(run: Path, task: str, episodes: int, best_of: int) -> tuple[float, float]:
+    """(success %, seconds) of `simpo-robot eval` on the run's final policy."""
+    from simpo_robot.evaluate import EvalConfig, run_eval
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = run_eval(EvalConfig(policy=str(run / "final"), task=task, episodes=episodes, seed=1000,
+                                     best_of=best_of, out=Path(tmp)))
+        return 100 * result.success_rate, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", type=Path, help="finished `finetune --algo simpo` output folders")
+    parser.add_argument("--n", type=int, nargs="+", default=[10], help="chunks per decision (one row each)")
+    parser.add_argument("--episodes", type=int, default=208, help="the benchmark's final evaluation episodes")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from the JSON")
+    args = parser.parse_args()
+    path = RESULTS / "best_of.json"
+    results = {(r["run"], r["n"]): r for r in json.loads(path.read_text())["runs"]} if path.exists() else {}
+    if not args.report_only:
+        if not args.runs:
+            parser.error("pass at least one run folder (or --report-only)")
+        for run in args.runs:
+            if not (run / "final" / "training_info.json").is_file():
+                parser.error(f"{run} is not a finished fine-tuning run (no final/training_info.json)")
+        for run in args.runs:
+            ensure_critic(run)
+            info = json.loads((run / "final" / "training_info.json").read_text())
+            alone, alone_s = success(run, info["task"], args.episodes, 1)
+            name = str(run.resolve().relative_to(ROOT)) if run.resolve().is_relative_to(ROOT) else str(run)
+            for n in args.n:
+                best, best_s = success(run, info["task"], args.episodes, n)
+                row = {"run": name, "task": info["task"], "algo": f"{info['algorithm']} {info['weighting'] or ''}".strip(),
+                       "env_steps": info["env_steps"], "training_env_kwargs": json.loads(
+                           (run / "final" / "critic.json").read_text())["trained_on"]["env_kwargs"],
+                       "episodes": args.episodes, "n": n, "alone": alone, "best_of_n": best,
+                       "alone_s": alone_s, "best_of_n_s": best_s}
+                print(f"{name}: alone {alone:.1f}% ({alone_s:.0f} s), best of {n} by Q {best:.1f}% ({best_s:.0f} s)",
+                      flush=True)
+                results[name, n] = row
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"runs": list(results.values())}, indent=2))
+    report(list(results.values()))
+
+
+def report(rows: list[dict]) -> None:
+    lines = ["| run | task | algorithm | training reward | env steps | episodes | N | policy alone (%) "
+             "| best of N by Q (%) | eval time, alone / best of N (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["task"], r["run"], r["n"])):
+        lines.append(f"| `{r['run']}` | {r['task']} | {r['algo']} | {r['training_env_kwargs'].get('reward_type', '-')} "
+                     f"| {r['env_steps']} | {r['episodes']} | {r['n']} | {r['alone']:.1f} | {r['best_of_n']:.1f} "
+                     f"| {r['alone_s']:.0f} / {r['best_of_n_s']:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    write_section("best_of", (
+        "## Acting by the critic: the best of N chunks by Q (`benchmarks/best_of.py`)\n\n"
+        f"Command (the last invocation; the table keeps every run): `{invocation()}`\n"
+        f"Machine: {machine()}\nDate: {today()}\n\n"
+        "Each finished SiMPO run's final policy plays the final evaluation's episodes (seeds 1000+i) through "
+        "`simpo-robot eval`, alone and with `--best_of N` (N chunks per decision, the highest by the run's critic, "
+        "min of the twins, is executed). The reference SiMPO recipe evaluates with N = 10. Times are with other "
+        "jobs on the machine.\n\n" + table + "\n"))
+
+
+if __name__ == "__main__":
+    main()
