@@ -152,3 +152,48 @@ def test_cli_export_and_clear_errors(bundle, tmp_path):
     assert main(["export", "--policy", str(bundle), "--out", str(tmp_path / "again")]) == 0
     assert BundleManifest.read(tmp_path / "again").control_hz == 25.0  # kept from the source bundle
     assert main(["export", "--policy", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
+
+
+def test_best_of_answers_with_the_chunk_the_critic_rates_highest(bundle, tmp_path):
+    import shutil
+
+    from simpo_robot.rl.critic import TwinCritic, save_critic
+
+    with pytest.raises(SimpoRobotError, match="has no critic"):
+        PolicyEngine.load(bundle, "torch", best_of=4)  # a pretrained policy: nothing to act by
+    acting = tmp_path / "bundle"
+    shutil.copytree(bundle, acting)
+    manifest = BundleManifest.read(acting)
+    obs_dim = manifest.n_obs_steps * (10 + 25)
+    critic = TwinCritic(obs_dim, manifest.n_action_steps * manifest.action_dim, (1,))
+    with torch.no_grad():  # Q increases with the first executed action's first (normalised) coordinate
+        for q in (critic.q1, critic.q2):
+            q[0].weight.zero_()
+            q[0].weight[0, obs_dim] = 1.0
+            q[0].bias.fill_(5.0)  # keeps Mish's input where it is increasing
+            q[2].weight.fill_(1.0)
+            q[2].bias.zero_()
+    save_critic(acting, critic, {"task": "test"})
+    plain, best = PolicyEngine.load(acting, "torch"), PolicyEngine.load(acting, "torch", best_of=4)
+    obs = _observation(0)
+    draws = best.draw_noise(np.random.default_rng(5), batch=4)  # what best.infer(seed=5) samples
+    candidates = [plain.infer(obs, noise=SamplerNoise(draws.initial[i:i + 1], draws.steps[:, i:i + 1])).actions
+                  for i in range(4)]
+    chosen = best.infer(obs, seed=5).actions
+    winner = int(np.argmax([c[0, 0] for c in candidates]))
+    np.testing.assert_allclose(chosen, candidates[winner], atol=1e-5, rtol=0)
+    assert len({round(float(c[0, 0]), 4) for c in candidates}) == 4  # four different chunks to choose from
+    with pytest.raises(SimpoRobotError, match="noise_scale 1"):
+        PolicyEngine.load(acting, "torch", noise_scale=0.0, best_of=4)
+
+
+def test_export_carries_a_simpo_runs_critic(tmp_path):
+    from simpo_robot.rl.critic import TwinCritic, load_critic, save_critic
+
+    save_tiny_policy(tmp_path / "policy")
+    critic = TwinCritic(2 * (10 + 25), 8 * 4, (8,))
+    save_critic(tmp_path / "policy", critic, {"task": "test"})
+    out = run_export(ExportConfig(policy=str(tmp_path / "policy"), out=tmp_path / "bundle", control_hz=25.0)).bundle
+    exported, card = load_critic(out)
+    assert card.trained_on == {"task": "test"}
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in critic.state_dict().items())

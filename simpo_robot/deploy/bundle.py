@@ -197,14 +197,21 @@ class PolicyEngine:
     noise_scale: float = 1.0
     """Scale of the drawn initial sample x_T (`simpo-robot eval --noise_scale`): 1 is the policy as trained; 0 makes
     DDIM and flow sampling deterministic. Noise passed to `infer` explicitly is used as given."""
+    critic: Any = None
+    """The SiMPO critic exported beside the policy (`simpo_robot.rl.critic.TwinCritic`), when acting by it."""
+    best_of: int = 1
+    """Chunks sampled per request; the one with the highest Q by `critic` is returned (`simpo-robot eval --best_of`)."""
 
     @classmethod
     def load(cls, bundle_dir: str | Path, backend: Backend = "torch", onnx_threads: int = 1,
-             noise_scale: float = 1.0) -> PolicyEngine:
+             noise_scale: float = 1.0, best_of: int = 1) -> PolicyEngine:
         from simpo_robot.policy_io import load_policy
 
         if not (np.isfinite(noise_scale) and noise_scale >= 0):
             raise SimpoRobotError(f"noise_scale must be a finite number >= 0, got {noise_scale}")
+        if best_of < 1 or (best_of > 1 and noise_scale != 1.0):
+            raise SimpoRobotError(f"best_of must be >= 1, and > 1 only with noise_scale 1 (got best_of {best_of}, "
+                                  f"noise_scale {noise_scale})")
         bundle_dir = Path(bundle_dir)
         manifest = BundleManifest.read(bundle_dir)
         loaded = load_policy(bundle_dir, device="cpu")
@@ -231,6 +238,8 @@ class PolicyEngine:
             network=network,
             tables=None if flow else make_tables(manifest.sampler),
             noise_scale=noise_scale,
+            critic=_bundle_critic(bundle_dir, manifest) if best_of > 1 else None,
+            best_of=best_of,
         )
 
     def validate(self, observation: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -288,6 +297,23 @@ class PolicyEngine:
             return sample_flow(self.network, global_cond, noise, self.manifest.sampler)
         return sample(self.network, global_cond, noise, self.tables, self.manifest.sampler)
 
+    def pick_by_critic(self, batch: dict[str, Any], executed: np.ndarray) -> np.ndarray:
+        """Normalised batch (B, T, ...) and the executed parts of n chunks per request (B * n, S, Da) -> (B, S, Da):
+        each request's chunk with the highest Q (min of the twins), as `simpo_robot.rl.best_of` picks in evaluation."""
+        import torch
+
+        from simpo_robot.rl.best_of import pick_best
+        from simpo_robot.rl.simpo import critic_obs
+        from simpo_robot.tasks import OBS_ENV_STATE, OBS_STATE
+
+        state = batch[OBS_STATE]
+        env_state = batch[OBS_ENV_STATE] if OBS_ENV_STATE in batch else state[..., :0]
+        b, n = state.shape[0], self.best_of
+        chunks = torch.from_numpy(np.ascontiguousarray(executed))
+        with torch.inference_mode():
+            q = torch.minimum(*self.critic(critic_obs(state, env_state).repeat_interleave(n, 0), chunks.flatten(1)))
+            return pick_best(q.reshape(b, n), chunks.reshape(b, n, *chunks.shape[1:])).numpy()
+
     def infer(
         self,
         observation: dict[str, np.ndarray],
@@ -295,7 +321,7 @@ class PolicyEngine:
         seed: int | None = None,
         validated: bool = False,
     ) -> Inference:
-        """Observation -> Inference. Noise from `noise` (batch 1), else drawn from `seed` (None: fresh).
+        """Observation -> Inference. Noise from `noise` (batch `best_of`), else drawn from `seed` (None: fresh).
 
         `validated=True` skips `validate` for an observation that already went through it.
         """
@@ -311,7 +337,8 @@ class PolicyEngine:
         """B observations -> B Inferences in one pass of the network (the server batches concurrent requests).
 
         Request i's noise is drawn from `seeds[i]` alone, so its chunk does not depend on what it was
-        batched with (up to float rounding of the batched kernels); `noise` (batch B) overrides the seeds.
+        batched with (up to float rounding of the batched kernels); `noise` (batch B * best_of, request by request)
+        overrides the seeds. With best_of > 1 each request gets the best of its samples by the critic.
         """
         import torch
 
@@ -323,13 +350,16 @@ class PolicyEngine:
             batch = self.preprocessor(batch)
         cond = self.global_conditioning(batch)
         t1 = time.perf_counter()
-        if noise is None:
-            parts = [self.draw_noise(np.random.default_rng(seed)) for seed in seeds]
+        n = self.best_of
+        if noise is None:  # request i's n samples all come from seeds[i]
+            parts = [self.draw_noise(np.random.default_rng(seed), batch=n) for seed in seeds]
             noise = SamplerNoise(initial=np.concatenate([p.initial for p in parts]),
                                  steps=np.concatenate([p.steps for p in parts], axis=1))
-        chunk = self.sample(cond, noise)
+        chunk = self.sample(np.repeat(cond, n, axis=0) if n > 1 else cond, noise)  # (B * n, H, Da)
         start = self.manifest.n_obs_steps - 1  # as DiffusionModel.generate_actions
         chunk = chunk[:, start : start + self.manifest.n_action_steps]
+        if n > 1:
+            chunk = self.pick_by_critic(batch, chunk)
         t2 = time.perf_counter()
         with torch.inference_mode():
             actions = self.postprocessor(torch.from_numpy(np.ascontiguousarray(chunk)))
@@ -337,3 +367,20 @@ class PolicyEngine:
         t3 = time.perf_counter()
         timing = InferenceTiming((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, batch=len(obs))
         return [Inference(actions=a, timing=timing) for a in actions]
+
+
+def _bundle_critic(bundle_dir: Path, manifest: BundleManifest) -> Any:
+    """The critic exported beside the policy, checked against the bundle's observation and chunk sizes."""
+    from simpo_robot.rl.critic import load_critic
+    from simpo_robot.tasks import OBS_ENV_STATE, OBS_STATE
+
+    critic, _ = load_critic(bundle_dir)
+    features = manifest.observation_features
+    if set(features) - {OBS_STATE, OBS_ENV_STATE}:
+        raise SimpoRobotError(f"{bundle_dir}: acting by the critic supports state-only policies, not {sorted(features)}")
+    obs_dim = manifest.n_obs_steps * sum(int(np.prod(shape)) for shape in features.values())
+    chunk_dim = manifest.n_action_steps * int(np.prod(manifest.action_shape))
+    if (critic.obs_dim, critic.chunk_dim) != (obs_dim, chunk_dim):
+        raise SimpoRobotError(f"{bundle_dir}: the critic takes ({critic.obs_dim}, {critic.chunk_dim}) observation and chunk "
+                              f"numbers, the bundle gives ({obs_dim}, {chunk_dim}); export the run's final/ folder as is.")
+    return critic

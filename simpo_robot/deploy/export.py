@@ -254,8 +254,11 @@ def _policy_name(ref: str) -> str:
 
 
 def _sidecar_files(folder: Path) -> list[str]:
-    """train_info.json, training_info.json and the image it names, so `push` works on a bundle too."""
-    names = [n for n in (PRETRAIN_INFO_FILE,) if (folder / n).is_file()]
+    """train_info.json, training_info.json and the image it names, so `push` works on a bundle too, and a SiMPO
+    run's critic, so `serve --best_of` can act by it."""
+    from simpo_robot.rl.critic import CRITIC_CONFIG, CRITIC_WEIGHTS
+
+    names = [n for n in (PRETRAIN_INFO_FILE, CRITIC_CONFIG, CRITIC_WEIGHTS) if (folder / n).is_file()]
     info_file = folder / TRAINING_INFO_FILE
     if not info_file.is_file():
         return names

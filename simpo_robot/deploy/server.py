@@ -69,6 +69,10 @@ class ServeConfig:
     noise_scale: float = 1.0
     """Scale of the sampler's initial noise x_T: 1 is the policy as trained; 0 makes DDIM and flow policies
     deterministic (`simpo-robot eval --noise_scale` measures what it does to success). `PolicyEngine.load` checks it."""
+    best_of: int = 1
+    """Sample this many chunks per request and answer with the one the SiMPO critic rates highest (the bundle must
+    come from a `finetune --algo simpo` run's final/ folder, which holds the critic; `simpo-robot eval --best_of`
+    measures what it does to success). The pass costs about this many times the sampling."""
     inference: str = "inline"
     """Where passes run: "inline" (on the event loop, lowest latency) or "thread" (a dedicated thread,
     for passes long enough that the loop should keep answering meanwhile)."""
@@ -144,8 +148,8 @@ class PolicyServer:
             ) as server:
                 self.port = server.sockets[0].getsockname()[1]
                 log.info(
-                    "serving %s (%s backend, noise scale %g) on ws://%s:%d", self.engine.manifest.policy_name,
-                    self.engine.backend, self.engine.noise_scale, cfg.host, self.port,
+                    "serving %s (%s backend, noise scale %g, best of %d) on ws://%s:%d", self.engine.manifest.policy_name,
+                    self.engine.backend, self.engine.noise_scale, self.engine.best_of, cfg.host, self.port,
                 )
                 if on_ready is not None:
                     on_ready(self.port)
@@ -325,7 +329,7 @@ def run_serve(cfg: ServeConfig) -> None:
     set_threads(cfg.threads)
     logging.getLogger("websockets").setLevel(logging.WARNING)  # per-connection open/close lines: ours say more
     engine = PolicyEngine.load(cfg.bundle, backend=cfg.backend, onnx_threads=cfg.threads,  # type: ignore[arg-type]
-                               noise_scale=cfg.noise_scale)
+                               noise_scale=cfg.noise_scale, best_of=cfg.best_of)
     warm = engine.infer(_zeros_observation(engine), seed=0)  # load kernels now, not on the first robot request
     log.info("warm-up inference: %.1f ms", warm.timing.total_ms)
 
