@@ -218,6 +218,30 @@ def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tiny_push, tmp
         load_run(tmp_path / "nothing")
 
 
+def test_final_burst_runs_one_more_actor_burst_at_the_end_and_keeps_its_critic(tiny_push, tmp_path):
+    from safetensors.torch import load_file
+
+    from simpo_robot.rl.critic import load_critic
+    from simpo_robot.rl.trainer import load_run
+
+    _run(tiny_push, tmp_path / "plain", 200)
+    _run(tiny_push, tmp_path / "final", 200, "--simpo.final-burst", "true")
+    plain, final = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("plain", "final"))
+    assert final["actor_updates"] == plain["actor_updates"] + 2 and final["critic_updates"] == plain["critic_updates"]
+    a, b = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("plain", "final"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the extra burst changed the policy
+    # the critic shipped is the fitted one (no reset after the final burst), and the checkpoint matches final/
+    saved = load_run(tmp_path / "final")
+    critic, _ = load_critic(tmp_path / "final" / "final")
+    assert all(torch.equal(v, critic.state_dict()[k]) for k, v in saved.agent.critic.state_dict().items())
+    assert any(not torch.equal(v, saved.agent.critic_init[k]) for k, v in critic.state_dict().items())
+    assert saved.agent.actor_updates == final["actor_updates"] and saved.agent.final_burst_at == final["env_steps"]
+    # resuming the finished run at the same budget does not run the final burst twice
+    _run(tiny_push, tmp_path / "final", 200, "--simpo.final-burst", "true", "--resume", str(tmp_path / "final"))
+    again = json.loads((tmp_path / "final" / "summary.json").read_text())
+    assert again["actor_updates"] == final["actor_updates"]
+
+
 def test_overlapped_updates_give_exactly_the_sequential_run(tiny_push, tmp_path, monkeypatch):
     import threading
 

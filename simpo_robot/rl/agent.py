@@ -80,6 +80,11 @@ class Agent(Protocol):
         """One round of updates; `gather` concatenates a tensor over processes."""
         ...
 
+    def finish(self, step: Stepper, gather, generator: torch.Generator, cpu_generator: torch.Generator,
+               unwrap, env_steps: int) -> dict[str, float]:
+        """Updates due once the run's env steps are spent (on every process), before the final evaluation."""
+        ...
+
     def acting_critic(self, unwrap) -> nn.Module | None:
         """The Q critic to ship beside the fine-tuned policy for acting by it (`simpo_robot.rl.best_of`), or None."""
         ...

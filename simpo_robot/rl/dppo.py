@@ -334,6 +334,10 @@ class DppoAgent:
         self.iterations += 1
         return metrics | {"dppo/iterations": self.iterations, "dppo/adv_mean": adv.mean().item()}
 
+    def finish(self, step, gather, generator: torch.Generator, cpu_generator: torch.Generator, unwrap,
+               env_steps: int) -> dict[str, float]:
+        return {}  # each PPO iteration already ends on the policy update
+
     def acting_critic(self, unwrap) -> None:
         return None  # DPPO learns a state value, which cannot rank chunks
 

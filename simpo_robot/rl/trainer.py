@@ -149,7 +149,7 @@ class FinetuneConfig:
 
 ADDED_OPTIONS = {(None, "num_inference_steps"): None, ("simpo", "weighting_critic_every"): 0, ("simpo", "actor_burst"): 1,
                  ("simpo", "critic_reset"): False, ("simpo", "n_step"): 1,
-                 ("simpo", "critic_layer_norm"): False}
+                 ("simpo", "critic_layer_norm"): False, ("simpo", "final_burst"): False}
 """Options added after runs may have been saved, with the value that reproduces those runs (for --resume)."""
 # Fields that may differ between a run and its resumption (everything else must match).
 RESUMABLE_CHANGES = {"env_steps", "resume", "overwrite", "eval_every", "eval_episodes", "final_eval_episodes",
@@ -512,6 +512,16 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             metrics.update(done.result())
             torch.set_num_threads(cfg.torch_threads)
 
+    def save_checkpoint() -> None:
+        rank_state = {
+            "counters": asdict(counters), "rollout": rollout.state_dict(), "agent": agent.rank_state(),
+            "generator": generator.get_state(), "cpu_generator": cpu_generator.get_state(),
+            "before": before, "before_deterministic": before_det, "curve": curve, "sim_seconds": sim_seconds,
+            "elapsed": time.perf_counter() - start,
+        }
+        if _save_checkpoint(accelerator, out, rank_state, agent.synced_modules()):
+            log.info("checkpoint at %d env steps", counters.env_steps)
+
     with Progress(*columns, console=console, transient=True, disable=not accelerator.is_main_process) as progress:
         bar = progress.add_task(f"{_algo_label(cfg)} {spec.name}", total=cfg.env_steps, status="")
         # Runs finish the episodes in flight, so that the final state is a resumable one (between episodes).
@@ -571,17 +581,16 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             if checkpoint_due and cfg.checkpoint_every and _everyone(
                     accelerator, rollout.between_episodes, device):
                 next_ckpt = (counters.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-                rank_state = {
-                    "counters": asdict(counters), "rollout": rollout.state_dict(), "agent": agent.rank_state(),
-                    "generator": generator.get_state(), "cpu_generator": cpu_generator.get_state(),
-                    "before": before, "before_deterministic": before_det, "curve": curve, "sim_seconds": sim_seconds,
-                    "elapsed": time.perf_counter() - start,
-                }
-                if _save_checkpoint(accelerator, out, rank_state, agent.synced_modules()):
-                    log.info("checkpoint at %d env steps", counters.env_steps)
+                save_checkpoint()
     finish_updates()
     if updater is not None:
         updater.shutdown()
+    # Updates due at the end (SiMPO's final burst); the resumable state then matches final/ again.
+    if final_metrics := agent.finish(step, accelerator.gather, generator, cpu_generator, accelerator.unwrap_model,
+                                     counters.env_steps):
+        logger.log(counters.env_steps, final_metrics)
+        if cfg.checkpoint_every:
+            save_checkpoint()
     rollout.close()
     wall = time.perf_counter() - start
     divergence = _rank_divergence(accelerator, *agent.synced_modules())
