@@ -175,6 +175,22 @@ def test_dry_run_writes_the_card_and_the_lerobot_layout(policy, tmp_path):
     assert "before, deterministic" not in card  # not recorded: no row
 
 
+def test_a_simpo_runs_critic_is_pushed_and_the_card_says_how_to_act_by_it(policy, tmp_path):
+    import shutil
+
+    from simpo_robot.rl.critic import TwinCritic, save_critic
+
+    folder = tmp_path / "with_critic"
+    shutil.copytree(policy, folder)
+    save_critic(folder, TwinCritic(4, 2, (8,)), {"task": "fetch_push"})
+    result = run_push(PushConfig(policy=folder, repo_id="me/fetch-push-simpo", dry_run=tmp_path / "dry"))
+    assert {"critic.json", "critic.safetensors"} <= set(result.files)
+    card = (tmp_path / "dry" / "README.md").read_text()
+    assert "## Acting by the critic" in card and "--task fetch_push --best_of 10" in card
+    plain = run_push(PushConfig(policy=policy, repo_id="me/fetch-push-simpo", dry_run=tmp_path / "plain"))
+    assert "critic.json" not in plain.files and "Acting by the critic" not in (tmp_path / "plain" / "README.md").read_text()
+
+
 def test_card_without_training_info(tmp_path):
     folder = save_tiny_policy(tmp_path / "bare")
     run_push(PushConfig(policy=folder, repo_id="me/bare", dry_run=tmp_path / "dry"))

@@ -169,8 +169,10 @@ class PushResult:
     """Commit URL (None for a dry run)."""
 
 
-def model_card(config: dict[str, Any], info: TrainingInfo | None, repo_id: str, license: str) -> str:
-    """README.md: YAML header (library_name, base_model, tags, license) and what the policy is and does."""
+def model_card(config: dict[str, Any], info: TrainingInfo | None, repo_id: str, license: str,
+               has_critic: bool = False) -> str:
+    """README.md: YAML header (library_name, base_model, tags, license) and what the policy is and does
+    (`has_critic`: the repo also holds the SiMPO critic, for acting by it)."""
     from huggingface_hub import ModelCardData
 
     info = info or TrainingInfo()
@@ -231,11 +233,21 @@ def model_card(config: dict[str, Any], info: TrainingInfo | None, repo_id: str, 
         "Or serve it to a robot: `simpo-robot export --policy "
         f"{repo_id} --out bundle && simpo-robot serve --bundle bundle`.", "",
     ]
+    if has_critic:
+        lines += [
+            "## Acting by the critic", "",
+            "This repo also holds the SiMPO critic fitted in the run's last phase (`critic.safetensors`, `critic.json`). "
+            f"`simpo-robot eval --policy {repo_id} --task {info.task or 'TASK'} --best_of 10` plays the best of 10 "
+            "sampled chunks by its Q value, as the SiMPO reference recipe evaluates; `simpo-robot serve --best_of 10` "
+            "does the same for a robot.", "",
+        ]
     return "\n".join(lines)
 
 
 def stage(cfg: PushConfig, out: Path) -> list[str]:
     """Write into `out` exactly what the commit will contain; returns the repo paths."""
+    from simpo_robot.rl.critic import CRITIC_CONFIG, CRITIC_WEIGHTS
+
     folder = cfg.policy
     if not (folder / "config.json").is_file():
         raise SimpoRobotError(f"{folder} is not a LeRobot policy folder (no config.json).")
@@ -246,7 +258,7 @@ def stage(cfg: PushConfig, out: Path) -> list[str]:
         log.warning("%s has no %s: the model card will not name the base model, task or success rates",
                     folder, TRAINING_INFO_FILE)
     names = sorted({p.name for pattern in LEROBOT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
-    names += [n for n in (*BUNDLE_FILES, PRETRAIN_INFO_FILE) if (folder / n).is_file()]
+    names += [n for n in (*BUNDLE_FILES, PRETRAIN_INFO_FILE, CRITIC_CONFIG, CRITIC_WEIGHTS) if (folder / n).is_file()]
     if (folder / TRAINING_INFO_FILE).is_file():
         names.append(TRAINING_INFO_FILE)
     if info is not None and info.learning_curve:
@@ -268,7 +280,8 @@ def stage(cfg: PushConfig, out: Path) -> list[str]:
         shutil.copy2(folder / CARD_FILE, out / CARD_FILE)
     else:
         config = json.loads((folder / "config.json").read_text())
-        (out / CARD_FILE).write_text(model_card(config, info, cfg.repo_id, cfg.license))
+        (out / CARD_FILE).write_text(model_card(config, info, cfg.repo_id, cfg.license,
+                                                has_critic=CRITIC_WEIGHTS in names))
     return sorted([*names, CARD_FILE])
 
 
