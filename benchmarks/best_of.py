@@ -43,6 +43,11 @@ def ensure_critic(run: Path) -> None:
                  "env_kwargs": spec.env_kwargs})
 
 
+def repo_relative(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it (rows then read the same on any checkout)."""
+    return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+
+
 def success(run: Path, task: str, episodes: int, best_of: int) -> tuple[float, float]:
     """(success %, seconds) of `simpo-robot eval` on the run's final policy."""
     from simpo_robot.evaluate import EvalConfig, run_eval
@@ -73,10 +78,12 @@ def main() -> None:
             ensure_critic(run)
             info = json.loads((run / "final" / "training_info.json").read_text())
             alone, alone_s = success(run, info["task"], args.episodes, 1)
-            name = str(run.resolve().relative_to(ROOT)) if run.resolve().is_relative_to(ROOT) else str(run)
+            name = repo_relative(run)
             for n in args.n:
                 best, best_s = success(run, info["task"], args.episodes, n)
                 row = {"run": name, "task": info["task"], "algo": f"{info['algorithm']} {info['weighting'] or ''}".strip(),
+                       "base_model": repo_relative(Path(info["base_model"])),
+                       "actor_updates": json.loads((run / "summary.json").read_text()).get("actor_updates"),
                        "env_steps": info["env_steps"], "training_env_kwargs": json.loads(
                            (run / "final" / "critic.json").read_text())["trained_on"]["env_kwargs"],
                        "episodes": args.episodes, "n": n, "alone": alone, "best_of_n": best,
@@ -90,10 +97,12 @@ def main() -> None:
 
 
 def report(rows: list[dict]) -> None:
-    lines = ["| run | task | algorithm | training reward | env steps | episodes | N | policy alone (%) "
-             "| best of N by Q (%) | eval time, alone / best of N (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | task | started from | algorithm | actor updates | training reward | env steps | episodes | N "
+             "| policy alone (%) | best of N by Q (%) | eval time, alone / best of N (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["task"], r["run"], r["n"])):
-        lines.append(f"| `{r['run']}` | {r['task']} | {r['algo']} | {r['training_env_kwargs'].get('reward_type', '-')} "
+        lines.append(f"| `{r['run']}` | {r['task']} | `{r['base_model']}` | {r['algo']} | {r['actor_updates']} "
+                     f"| {r['training_env_kwargs'].get('reward_type', '-')} "
                      f"| {r['env_steps']} | {r['episodes']} | {r['n']} | {r['alone']:.1f} | {r['best_of_n']:.1f} "
                      f"| {r['alone_s']:.0f} / {r['best_of_n_s']:.0f} |")
     table = "\n".join(lines)
@@ -104,8 +113,9 @@ def report(rows: list[dict]) -> None:
         f"Machine: {machine()}\nDate: {today()}\n\n"
         "Each finished SiMPO run's final policy plays the final evaluation's episodes (seeds 1000+i) through "
         "`simpo-robot eval`, alone and with `--best_of N` (N chunks per decision, the highest by the run's critic, "
-        "min of the twins, is executed). The reference SiMPO recipe evaluates with N = 10. Times are with other "
-        "jobs on the machine.\n\n" + table + "\n"))
+        "min of the twins, is executed). The reference SiMPO recipe evaluates with N = 10. A run with 0 actor updates "
+        "is a critic-only run (`--simpo.actor-starts 100000000`) that fits a critic to the policy it started from. "
+        "Times are with other jobs on the machine.\n\n" + table + "\n"))
 
 
 if __name__ == "__main__":
