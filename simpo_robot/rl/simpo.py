@@ -439,7 +439,7 @@ class SimpoAgent:
         return SimpoTransition(*(x.to(self.device) for x in self.buffer.sample(batch_size, cpu_generator)))
 
     def acting_critic(self, unwrap) -> TwinCritic:
-        # The online critic: after the last actor burst it is refitted to the final policy's own data.
+        # The online critic, fitted since the last phase's burst to the policy's own data (a final burst keeps it).
         return unwrap(self.critic)
 
     def summary(self) -> dict[str, Any]:
