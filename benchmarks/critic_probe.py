@@ -32,7 +32,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def play_agent(spec, loaded, agent, n: int, pick: str, waves: int, num_envs: int) -> float:
     """Success rate (%) on evaluation seeds 1000+i: n samples per decision, the one kept by `pick` ("best" or
     "worst" by agent's critic, min of the twins; anything with n = 1 plays the policy as it is)."""
-    from simpo_robot.rl.simpo import critic_obs
+    from simpo_robot.rl.best_of import chunk_q
     from simpo_robot.rl.trainer import Rollout
 
     actor = agent.actor
@@ -47,8 +47,7 @@ def play_agent(spec, loaded, agent, n: int, pick: str, waves: int, num_envs: int
             chunks = actor.sample(actor.unet, cond.repeat_interleave(n, 0), generator=generator)  # (E*n, H, Da)
             if n == 1:
                 return chunks, {}
-            obs = critic_obs(rollout.history.state, rollout.history.env_state).repeat_interleave(n, 0)
-            q = torch.minimum(*agent.critic(obs, actor.executed(chunks).flatten(1))).reshape(e, n)
+            q = chunk_q(agent.critic, rollout.history.state, rollout.history.env_state, actor.executed(chunks))
             keep = q.argmax(1) if pick == "best" else q.argmin(1)
             return chunks.reshape(e, n, *chunks.shape[1:])[torch.arange(e), keep], {}
 

@@ -302,17 +302,15 @@ class PolicyEngine:
         each request's chunk with the highest Q (min of the twins), as `simpo_robot.rl.best_of` picks in evaluation."""
         import torch
 
-        from simpo_robot.rl.best_of import pick_best
-        from simpo_robot.rl.simpo import critic_obs
+        from simpo_robot.rl.best_of import chunk_q, pick_best
         from simpo_robot.tasks import OBS_ENV_STATE, OBS_STATE
 
         state = batch[OBS_STATE]
         env_state = batch[OBS_ENV_STATE] if OBS_ENV_STATE in batch else state[..., :0]
-        b, n = state.shape[0], self.best_of
         chunks = torch.from_numpy(np.ascontiguousarray(executed))
         with torch.inference_mode():
-            q = torch.minimum(*self.critic(critic_obs(state, env_state).repeat_interleave(n, 0), chunks.flatten(1)))
-            return pick_best(q.reshape(b, n), chunks.reshape(b, n, *chunks.shape[1:])).numpy()
+            q = chunk_q(self.critic, state, env_state, chunks)
+            return pick_best(q, chunks.reshape(*q.shape, *chunks.shape[1:])).numpy()
 
     def infer(
         self,

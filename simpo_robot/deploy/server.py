@@ -72,7 +72,7 @@ class ServeConfig:
     best_of: int = 1
     """Sample this many chunks per request and answer with the one the SiMPO critic rates highest (the bundle must
     come from a `finetune --algo simpo` run's final/ folder, which holds the critic; `simpo-robot eval --best_of`
-    measures what it does to success). The pass costs about this many times the sampling."""
+    measures what it does to success). The N samples of each request go through the network in one batch."""
     inference: str = "inline"
     """Where passes run: "inline" (on the event loop, lowest latency) or "thread" (a dedicated thread,
     for passes long enough that the loop should keep answering meanwhile)."""

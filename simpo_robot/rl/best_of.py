@@ -24,6 +24,14 @@ from simpo_robot.rl.simpo import critic_obs
 from simpo_robot.tasks import OBS_ENV_STATE, OBS_STATE
 
 
+def chunk_q(critic: TwinCritic, state: Tensor, env_state: Tensor, executed: Tensor) -> Tensor:
+    """Observation histories (B, O, Ds), (B, O, De) and the executed parts of N chunks per row (B*N, S, Da), N
+    consecutive rows each -> Q (B, N): the min of the twins, as the critic was trained to judge them."""
+    b = state.shape[0]
+    obs = critic_obs(state, env_state).repeat_interleave(executed.shape[0] // b, 0)
+    return torch.minimum(*critic(obs, executed.flatten(1))).reshape(b, -1)
+
+
 def pick_best(q: Tensor, chunks: Tensor) -> Tensor:
     """q (B, N), chunks (B, N, H, Da) -> (B, H, Da): each row's chunk with the highest q (the first on ties)."""
     return chunks[torch.arange(chunks.shape[0], device=chunks.device), q.argmax(dim=1)]
@@ -65,12 +73,10 @@ class BestOfN:
     @torch.no_grad()
     def choose(self, state: Tensor, env_state: Tensor) -> Tensor:
         """Observation histories (B, O, Ds), (B, O, De) -> the chosen chunks (B, H, Da), model space."""
-        b = state.shape[0]
         cond = self.actor.global_cond(state, env_state).repeat_interleave(self.n, 0)  # (B*N, C)
         chunks = self.actor.sample(self.actor.unet, cond, generator=self.generator)  # the policy's own sampler
-        obs = critic_obs(state, env_state).repeat_interleave(self.n, 0)
-        q = torch.minimum(*self.critic(obs, self.actor.executed(chunks).flatten(1)))
-        return pick_best(q.reshape(b, self.n), chunks.reshape(b, self.n, *chunks.shape[1:]))
+        q = chunk_q(self.critic, state, env_state, self.actor.executed(chunks))
+        return pick_best(q, chunks.reshape(*q.shape, *chunks.shape[1:]))
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
