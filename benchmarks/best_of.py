@@ -28,7 +28,7 @@ def ensure_critic(run: Path) -> None:
     from accelerate.utils import extract_model_from_parallel
 
     from simpo_robot.rl.critic import CRITIC_CONFIG, save_critic
-    from simpo_robot.rl.trainer import load_run
+    from simpo_robot.rl.trainer import critic_trained_on, load_run
 
     final = run / "final"
     if (final / CRITIC_CONFIG).is_file():
@@ -37,10 +37,8 @@ def ensure_critic(run: Path) -> None:
     info = json.loads((final / "training_info.json").read_text())
     if saved.cfg.algo != "simpo" or info["env_steps"] != saved.summary.get("env_steps"):
         raise SystemExit(f"{run}: not a finished SiMPO run whose last checkpoint is its final policy")
-    spec = saved.spec.training() if saved.cfg.shaped_reward else saved.spec
     save_critic(final, saved.agent.acting_critic(extract_model_from_parallel),
-                {"task": spec.name, "gamma": saved.cfg.gamma, "env_steps": info["env_steps"],
-                 "env_kwargs": spec.env_kwargs})
+                critic_trained_on(saved.cfg, saved.spec, info["env_steps"]))
 
 
 def repo_relative(path: Path) -> str:

@@ -438,7 +438,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     agent = build_agent(cfg, actor, loaded.config, accelerator, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     cpu_generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    rollout = Rollout(spec.training() if cfg.shaped_reward else spec, actor, pre, post, cfg.num_envs, seed=cfg.seed * 1_000_000 + rank * 100_000,
+    rollout = Rollout(training_spec(cfg, spec), actor, pre, post, cfg.num_envs, seed=cfg.seed * 1_000_000 + rank * 100_000,
                       gamma=cfg.gamma, device=device)
     counters = Counters()
     logger = MetricsLogger(out, enabled=accelerator.is_main_process)
@@ -617,6 +617,17 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return summary
 
 
+def training_spec(cfg: FinetuneConfig, spec: TaskSpec) -> TaskSpec:
+    """The task as fine-tuning collects data on it: with its training_env_kwargs (e.g. a dense reward) or as is."""
+    return spec.training() if cfg.shaped_reward else spec
+
+
+def critic_trained_on(cfg: FinetuneConfig, spec: TaskSpec, env_steps: int) -> dict[str, Any]:
+    """What critic.json records of the data a run's critic was fitted to."""
+    return {"task": spec.name, "gamma": cfg.gamma, "env_steps": env_steps,
+            "env_kwargs": training_spec(cfg, spec).env_kwargs}
+
+
 def _success_block(result, cfg: FinetuneConfig) -> dict[str, Any]:
     lo, hi = result.ci95
     return {"pc_success": 100 * result.success_rate, "n_episodes": len(result.per_episode),
@@ -638,8 +649,7 @@ def _write_outputs(cfg, out, spec, policy, pre, post, save_policy, before, after
     shutil.rmtree(tmp, ignore_errors=True)
     save_policy(policy, tmp, pre, post)
     if critic is not None:
-        save_critic(tmp, critic, {"task": spec.name, "gamma": cfg.gamma, "env_steps": counters.env_steps,
-                                  "env_kwargs": (spec.training() if cfg.shaped_reward else spec).env_kwargs})
+        save_critic(tmp, critic, critic_trained_on(cfg, spec, counters.env_steps))
     plot_learning_curve(curve, tmp / "learning_curve.png", title=f"{_algo_label(cfg)} on {spec.name}")
     shutil.copy(tmp / "learning_curve.png", out / "learning_curve.png")
     info = {
