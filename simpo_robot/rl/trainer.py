@@ -151,10 +151,11 @@ ADDED_OPTIONS = {(None, "num_inference_steps"): None, ("simpo", "weighting_criti
                  ("simpo", "critic_reset"): False, ("simpo", "n_step"): 1,
                  ("simpo", "critic_layer_norm"): False, ("simpo", "final_burst"): False}
 """Options added after runs may have been saved, with the value that reproduces those runs (for --resume)."""
-# Fields that may differ between a run and its resumption (everything else must match).
+# Fields that may differ between a run and its resumption (everything else must match). SiMPO's final burst
+# only acts once the env steps are spent, so a finished run resumed with it gets exactly the end it would have had.
 RESUMABLE_CHANGES = {"env_steps", "resume", "overwrite", "eval_every", "eval_episodes", "final_eval_episodes",
                      "log_every", "checkpoint_every", "device", "torch_threads", "deterministic_eval",
-                     "overlap_updates"}
+                     "overlap_updates", "simpo.final_burst"}
 CONFIG_FILE = "finetune_config.json"
 
 
@@ -283,6 +284,13 @@ def _saved_config(out: Path) -> dict[str, Any]:
     for (group, name), value in ADDED_OPTIONS.items():
         (saved if group is None else saved.get(group, {})).setdefault(name, value)
     return saved
+
+
+def _write_config(cfg: FinetuneConfig, out: Path) -> None:
+    """OUT/finetune_config.json, atomically (a resume reads it back)."""
+    tmp = out / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(_config_dict(cfg), indent=2))
+    tmp.replace(out / CONFIG_FILE)
 
 
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -482,13 +490,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             base = load_policy(cfg.policy, device=str(device), overrides=_policy_overrides(cfg))
             before_det = _success_block(evaluate(cfg.final_eval_episodes, 0.0, base), cfg)
         sim_seconds, elapsed = state["sim_seconds"], state["elapsed"]
+        if accelerator.is_main_process:
+            _write_config(cfg, out)  # what the run last ran with (RESUMABLE_CHANGES may differ from its start)
         log.info("resumed %s at %d env steps", out, counters.env_steps)
     else:
         log.info("fine-tuning %s on %s with %s for %d env steps on %d process(es)", cfg.policy, spec.name,
                  _algo_label(cfg), cfg.env_steps, world)
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            (out / CONFIG_FILE).write_text(json.dumps(_config_dict(cfg), indent=2))
+            _write_config(cfg, out)
         before = _success_block(evaluate(cfg.final_eval_episodes), cfg) if accelerator.is_main_process else None
         before_det = (_success_block(evaluate(cfg.final_eval_episodes, 0.0), cfg)
                       if cfg.deterministic_eval and accelerator.is_main_process else None)
