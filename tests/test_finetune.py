@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -240,13 +241,17 @@ def test_final_burst_runs_one_more_actor_burst_at_the_end_and_keeps_its_critic(t
     _run(tiny_push, tmp_path / "final", 200, "--simpo.final-burst", "true", "--resume", str(tmp_path / "final"))
     again = json.loads((tmp_path / "final" / "summary.json").read_text())
     assert again["actor_updates"] == final["actor_updates"]
-    # a run finished without it gets it on resumption, and ends exactly as the run that had it from the start
-    _run(tiny_push, tmp_path / "plain", 200, "--simpo.final-burst", "true", "--resume", str(tmp_path / "plain"))
-    finished = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    # a run finished without it gets it on resumption (here of a copy of its folder), and ends exactly as the run
+    # that had it from the start
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "plain", moved)
+    _run(tiny_push, moved, 200, "--simpo.final-burst", "true", "--resume", str(moved))
+    finished = json.loads((moved / "summary.json").read_text())
     assert finished["actor_updates"] == final["actor_updates"]
-    c = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    c = load_file(moved / "final" / "model.safetensors")
     assert all(torch.equal(b[k], c[k]) for k in b)
-    assert json.loads((tmp_path / "plain" / "finetune_config.json").read_text())["simpo"]["final_burst"] is True
+    config = json.loads((moved / "finetune_config.json").read_text())
+    assert config["simpo"]["final_burst"] is True and config["out"] == str(moved)
 
 
 def test_overlapped_updates_give_exactly_the_sequential_run(tiny_push, tmp_path, monkeypatch):

@@ -153,7 +153,8 @@ ADDED_OPTIONS = {(None, "num_inference_steps"): None, ("simpo", "weighting_criti
 """Options added after runs may have been saved, with the value that reproduces those runs (for --resume)."""
 # Fields that may differ between a run and its resumption (everything else must match). SiMPO's final burst
 # only acts once the env steps are spent, so a finished run resumed with it gets exactly the end it would have had.
-RESUMABLE_CHANGES = {"env_steps", "resume", "overwrite", "eval_every", "eval_episodes", "final_eval_episodes",
+# A run folder may have been moved or copied since it was written (`out`).
+RESUMABLE_CHANGES = {"out", "env_steps", "resume", "overwrite", "eval_every", "eval_episodes", "final_eval_episodes",
                      "log_every", "checkpoint_every", "device", "torch_threads", "deterministic_eval",
                      "overlap_updates", "simpo.final_burst"}
 CONFIG_FILE = "finetune_config.json"
