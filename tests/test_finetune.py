@@ -135,8 +135,10 @@ def test_finetune_cli_end_to_end(tiny_push, tmp_path):
     steps = [step for step, _ in info["curve"]]  # before, one mid-run evaluation, after
     assert len(steps) == 3 and steps[0] == 0 and 200 <= steps[1] < 400 and steps[2] == info["env_steps"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    trained = [m for m in metrics if "losses/actor" in m]
-    assert trained and all(math.isfinite(m["losses/critic"]) for m in trained)
+    fitted = [m for m in metrics if "losses/critic" in m]
+    assert fitted and all(math.isfinite(m["losses/critic"]) for m in fitted)
+    trained = [m for m in metrics if "losses/actor" in m]  # (the last: the final burst, actor updates only)
+    assert trained and all(math.isfinite(m["losses/actor"]) for m in trained)
     summary = json.loads((out / "summary.json").read_text())
     assert trained[-1]["charts/actor_updates"] == summary["actor_updates"] > 0
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
@@ -191,7 +193,8 @@ def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tiny_push, tmp
     # (episodes are stored whole: checkpoints fall between them; overlapped updates are waited for before them)
     n_step = ("--simpo.n-step", "3", "--overlap-updates", "true")
     _run(tiny_push, tmp_path / "straight", 200, *n_step)
-    _run(tiny_push, tmp_path / "interrupted", 100, *n_step)  # stops (and checkpoints) after the first episodes
+    # stops (and checkpoints) after the first episodes, as a killed run would: without the burst at a run's end
+    _run(tiny_push, tmp_path / "interrupted", 100, *n_step, "--simpo.final-burst", "false")
     assert (tmp_path / "interrupted" / "checkpoints" / "last" / "trainer_rank0.pt").is_file()
     _run(tiny_push, tmp_path / "interrupted", 200, *n_step, "--resume", str(tmp_path / "interrupted"))
     straight = load_file(tmp_path / "straight" / "final" / "model.safetensors")
@@ -225,8 +228,8 @@ def test_final_burst_runs_one_more_actor_burst_at_the_end_and_keeps_its_critic(t
     from simpo_robot.rl.critic import load_critic
     from simpo_robot.rl.trainer import load_run
 
-    _run(tiny_push, tmp_path / "plain", 200)
-    _run(tiny_push, tmp_path / "final", 200, "--simpo.final-burst", "true")
+    _run(tiny_push, tmp_path / "plain", 200, "--simpo.final-burst", "false")
+    _run(tiny_push, tmp_path / "final", 200)  # (on by default)
     plain, final = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("plain", "final"))
     assert final["actor_updates"] == plain["actor_updates"] + 2 and final["critic_updates"] == plain["critic_updates"]
     a, b = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("plain", "final"))
@@ -238,7 +241,7 @@ def test_final_burst_runs_one_more_actor_burst_at_the_end_and_keeps_its_critic(t
     assert any(not torch.equal(v, saved.agent.critic_init[k]) for k, v in critic.state_dict().items())
     assert saved.agent.actor_updates == final["actor_updates"] and saved.agent.final_burst_at == final["env_steps"]
     # resuming the finished run at the same budget does not run the final burst twice
-    _run(tiny_push, tmp_path / "final", 200, "--simpo.final-burst", "true", "--resume", str(tmp_path / "final"))
+    _run(tiny_push, tmp_path / "final", 200, "--resume", str(tmp_path / "final"))
     again = json.loads((tmp_path / "final" / "summary.json").read_text())
     assert again["actor_updates"] == final["actor_updates"]
     # a run finished without it gets it on resumption (here of a copy of its folder), and ends exactly as the run
@@ -632,3 +635,20 @@ def test_critic_reset_restarts_the_critic_after_each_burst(tiny_push):
         resets.append(at_init(agent.critic) and at_init(agent.critic_target) and not agent.critic_opt.state)
     assert resets == [False, False, False, True, False, False, False, True]
     assert agent.actor_updates == 4
+
+
+def test_resume_compares_the_reward_trained_on_not_the_flag(tmp_path):
+    from simpo_robot.errors import SimpoRobotError
+    from simpo_robot.rl.trainer import FinetuneConfig, _check_resumable, _write_config
+
+    for task, resumable in (("fetch_pick_place", True), ("fetch_push", False)):  # no shaped reward / a dense one
+        out = tmp_path / task
+        (out / "checkpoints" / "last").mkdir(parents=True)
+        (out / "checkpoints" / "last" / "trainer_rank0.pt").write_bytes(b"")
+        _write_config(FinetuneConfig(policy="p", task=task, out=out, shaped_reward=False), out)
+        again = FinetuneConfig(policy="p", task=task, out=out, shaped_reward=True, resume=out)
+        if resumable:
+            assert _check_resumable(again, out) == out / "checkpoints" / "last"
+        else:
+            with pytest.raises(SimpoRobotError, match="shaped_reward: saved False, now True"):
+                _check_resumable(again, out)

@@ -312,6 +312,8 @@ def _check_resumable(cfg: FinetuneConfig, out: Path) -> Path:
     current = _flat(_config_dict(cfg))
     differ = sorted(k for k in current.keys() | saved.keys()
                     if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if "shaped_reward" in differ and not load_task(cfg.task).training_env_kwargs:
+        differ.remove("shaped_reward")  # the task has no shaped reward: either way the run collects the same data
     if differ:
         details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
         raise SimpoRobotError(f"--resume {out}: the command differs from the run's ({details}); rerun the same "
