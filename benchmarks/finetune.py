@@ -145,7 +145,12 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
         "finetune_args": previous["finetune_args"] if previous else args.finetune_args,
         **({"variant": args.variant} if args.variant else {}),
         "torch_threads": args.torch_threads,
+        "machine": machine(),  # wall times and success rates are the machine's (the CPU changes float rounding)
         **{k: summary[k] for k in ("pc_success_deterministic_before", "pc_success_deterministic_after") if k in summary},
+        # a run resumed only for its end (e.g. the final burst) keeps the simulator speed measured beside its training
+        **({"raw_sim_steps_per_s": previous["raw_sim_steps_per_s"]}
+           if previous and "raw_sim_steps_per_s" in previous and summary["env_steps"] == previous["env_steps"] else {}),
+        **({"note": previous["note"]} if previous and "note" in previous else {}),  # how the run came to be
     }
 
 
@@ -273,7 +278,7 @@ def main() -> None:
             if (ROOT / "pretrained" / (task + POLICY_SUFFIX[kind])).is_dir() and (kind == "diffusion" or name != "dppo")]
     for task, kind, name in grid:
         for seed in args.seeds:
-            run = run_one(task, kind, name, seed, args) | {"raw_sim_steps_per_s": raw[task]}
+            run = {"raw_sim_steps_per_s": raw[task]} | run_one(task, kind, name, seed, args)
             runs = save_run(path, run)
             if run["algo"] == "simpo" and args.best_of > 1:
                 subprocess.run([sys.executable, str(ROOT / "benchmarks" / "best_of.py"),
@@ -309,6 +314,15 @@ def best_of_results(n: int) -> dict[str, dict]:
     path = RESULTS / "best_of.json"
     rows = json.loads(path.read_text())["runs"] if path.exists() else []
     return {r["run"]: r for r in rows if r["n"] == n}
+
+
+def machines(runs: list[dict]) -> str:
+    """Where the recorded runs ran: each run records its machine (runs recorded before 2026-12-02 did not)."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        name = r.get("machine", "machine not recorded (2 CPU cores: AMD EPYC on 2026-11-24, Intel Xeon from 2026-11-25 on)")
+        counts[name] = counts.get(name, 0) + 1
+    return "; ".join(f"{c} run{'s' if c > 1 else ''}: {m}" for m, c in sorted(counts.items(), key=lambda mc: -mc[1]))
 
 
 def report(runs: list[dict], args) -> None:
@@ -361,7 +375,7 @@ def report(runs: list[dict], args) -> None:
     fig.savefig(RESULTS / "finetune.png", dpi=100, bbox_inches="tight")
     body = (f"## Fine-tuning the shipped checkpoints (`benchmarks/finetune.py`)\n\n"
             f"Command (the last invocation; the table has every run in `benchmarks/results/finetune.json`, "
-            f"each with its own flags): `{invocation()}`\nMachine: {machine()}\nDate: {today()}\n\n"
+            f"each with its own flags): `{invocation()}`\nMachine: {machines(runs)}\nDate: {today()}\n\n"
             "Success is over the same evaluation episodes before and after (seeds 1000+i); curves are the "
             "mean over seeds. `deterministic` is the same with every chunk sampled from x_T = 0 "
             "(`simpo-robot eval --noise_scale 0`). `best of N by Q` is the final policy acting by its critic "
