@@ -325,6 +325,31 @@ def machines(runs: list[dict]) -> str:
     return "; ".join(f"{c} run{'s' if c > 1 else ''}: {m}" for m, c in sorted(counts.items(), key=lambda mc: -mc[1]))
 
 
+GRID_TASKS, GRID_SEEDS, GRID_ENV_STEPS = ("fetch_push", "fetch_pick_place"), (0, 1, 2), 300_000
+
+
+def grid_coverage(runs: list[dict]) -> str:
+    """Which cells of the headline grid (diffusion policies, every algorithm, seeds 0-2, 300k env steps, no
+    variant) have a finished run, and the command that runs each missing one."""
+    done = {(r["task"], r["algo"], r["weighting"], r["negative_bound"], r["seed"]): r.get("finetune_args", "")
+            for r in runs if r.get("policy_type", "diffusion") == "diffusion" and not r.get("variant")
+            and r["env_steps"] >= GRID_ENV_STEPS}
+
+    def flags(task: str, name: str) -> str:
+        """The flags the cell's recorded seeds ran with, so that a new seed joins their row."""
+        recorded = {f for (t, *method, _), f in done.items() if t == task and tuple(method) == ALGOS[name]}
+        return f" with `--finetune-args {shlex.quote(recorded.pop())}`" if len(recorded) == 1 and "" not in recorded else ""
+
+    lines = []
+    for task in GRID_TASKS:
+        missing = {name: [s for s in GRID_SEEDS if (task, *ALGOS[name], s) not in done] for name in ALGOS}
+        have = len(ALGOS) * len(GRID_SEEDS) - sum(map(len, missing.values()))
+        todo = ", ".join(f"{name} seed{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))}{flags(task, name)}"
+                         for name, seeds in missing.items() if seeds)
+        lines.append(f"- {task}: {have} of {len(ALGOS) * len(GRID_SEEDS)} cells" + (f"; missing: {todo}" if todo else ""))
+    return "\n".join(lines)
+
+
 def report(runs: list[dict], args) -> None:
     import matplotlib
 
@@ -381,7 +406,10 @@ def report(runs: list[dict], args) -> None:
             "(`simpo-robot eval --noise_scale 0`). `best of N by Q` is the final policy acting by its critic "
             "(`simpo-robot eval --best_of N`, the same episodes; section \"best_of\"). `env steps/s` compares fine-tuning throughput (collection, updates and the "
             "periodic evaluations) with the vectorised simulator alone, measured in the same invocation.\n\n"
-            + "\n".join(rows) + "\n\n![learning curves](benchmarks/results/finetune.png)\n")
+            + "\n".join(rows) + "\n\n![learning curves](benchmarks/results/finetune.png)\n\n"
+            f"The headline grid ({GRID_ENV_STEPS} env steps, seeds {', '.join(map(str, GRID_SEEDS))}, no variant; "
+            "a missing cell runs with `--tasks T --algos A --seeds S --env-steps 300000 --eval-every 30000 "
+            "--eval-episodes 100 --final-eval-episodes 208`):\n" + grid_coverage(runs) + "\n")
     write_section("finetune", body)
 
 
