@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import invocation, machine, today, write_section  # noqa: E402
+from report import invocation, machine, machines, today, write_section  # noqa: E402
 
 
 def ensure_critic(run: Path) -> None:
@@ -85,7 +85,7 @@ def main() -> None:
                        "env_steps": info["env_steps"], "training_env_kwargs": json.loads(
                            (run / "final" / "critic.json").read_text())["trained_on"]["env_kwargs"],
                        "episodes": args.episodes, "n": n, "alone": alone, "best_of_n": best,
-                       "alone_s": alone_s, "best_of_n_s": best_s}
+                       "alone_s": alone_s, "best_of_n_s": best_s, "machine": machine()}
                 print(f"{name}: alone {alone:.1f}% ({alone_s:.0f} s), best of {n} by Q {best:.1f}% ({best_s:.0f} s)",
                       flush=True)
                 results[name, n] = row
@@ -108,7 +108,7 @@ def report(rows: list[dict]) -> None:
     write_section("best_of", (
         "## Acting by the critic: the best of N chunks by Q (`benchmarks/best_of.py`)\n\n"
         f"Command (the last invocation; the table keeps every run): `{invocation()}`\n"
-        f"Machine: {machine()}\nDate: {today()}\n\n"
+        f"Machine: {machines(rows, '2 CPU cores, Intel Xeon, 2026-11-25')}\nDate: {today()}\n\n"
         "Each finished SiMPO run's final policy plays the final evaluation's episodes (seeds 1000+i) through "
         "`simpo-robot eval`, alone and with `--best_of N` (N chunks per decision, the highest by the run's critic, "
         "min of the twins, is executed). The reference SiMPO recipe evaluates with N = 10. A run with 0 actor updates "

@@ -40,7 +40,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import invocation, machine, today, write_section  # noqa: E402
+from report import invocation, machine, machines, today, write_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ALGOS = {
@@ -316,15 +316,6 @@ def best_of_results(n: int) -> dict[str, dict]:
     return {r["run"]: r for r in rows if r["n"] == n}
 
 
-def machines(runs: list[dict]) -> str:
-    """Where the recorded runs ran: each run records its machine (runs recorded before 2026-12-02 did not)."""
-    counts: dict[str, int] = {}
-    for r in runs:
-        name = r.get("machine", "machine not recorded (2 CPU cores: AMD EPYC on 2026-11-24, Intel Xeon from 2026-11-25 on)")
-        counts[name] = counts.get(name, 0) + 1
-    return "; ".join(f"{c} run{'s' if c > 1 else ''}: {m}" for m, c in sorted(counts.items(), key=lambda mc: -mc[1]))
-
-
 GRID_TASKS, GRID_SEEDS, GRID_ENV_STEPS = ("fetch_push", "fetch_pick_place"), (0, 1, 2), 300_000
 
 
@@ -400,7 +391,7 @@ def report(runs: list[dict], args) -> None:
     fig.savefig(RESULTS / "finetune.png", dpi=100, bbox_inches="tight")
     body = (f"## Fine-tuning the shipped checkpoints (`benchmarks/finetune.py`)\n\n"
             f"Command (the last invocation; the table has every run in `benchmarks/results/finetune.json`, "
-            f"each with its own flags): `{invocation()}`\nMachine: {machines(runs)}\nDate: {today()}\n\n"
+            f"each with its own flags): `{invocation()}`\nMachine: {machines(runs, '2 CPU cores: AMD EPYC on 2026-11-24, Intel Xeon from 2026-11-25 on')}\nDate: {today()}\n\n"
             "Success is over the same evaluation episodes before and after (seeds 1000+i); curves are the "
             "mean over seeds. `deterministic` is the same with every chunk sampled from x_T = 0 "
             "(`simpo-robot eval --noise_scale 0`). `best of N by Q` is the final policy acting by its critic "

@@ -33,6 +33,16 @@ def machine() -> str:
             f"torch {torch.__version__}, {platform.system()} {platform.release()}")
 
 
+def machines(records: list[dict], unrecorded: str) -> str:
+    """Where a benchmark's recorded rows ran: each row records its `machine` (rows from before 2026-12-02 did
+    not; `unrecorded` says where those ran). The machine changes between sessions, and with it float rounding."""
+    counts: dict[str, int] = {}
+    for r in records:
+        name = r.get("machine", f"machine not recorded ({unrecorded})")
+        counts[name] = counts.get(name, 0) + 1
+    return "; ".join(f"{c} row{'s' if c > 1 else ''}: {m}" for m, c in sorted(counts.items(), key=lambda mc: -mc[1]))
+
+
 def invocation() -> str:
     """The command that is running, as one would type it in the repository root (arguments shell-quoted)."""
     return shlex.join([".venv/bin/python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
