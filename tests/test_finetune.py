@@ -257,6 +257,69 @@ def test_final_burst_runs_one_more_actor_burst_at_the_end_and_keeps_its_critic(t
     assert config["simpo"]["final_burst"] is True and config["out"] == str(moved)
 
 
+def test_non_finite_losses_and_gradients_skip_their_update_and_are_logged(tiny_push, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from simpo_robot.rl.simpo import SimpoAgent
+
+    critic_loss, calls = SimpoAgent.critic_loss, []
+
+    def poisoned(self, *args, **kwargs):
+        loss = critic_loss(self, *args, **kwargs)
+        calls.append(len(calls) % 4)
+        if calls[-1] == 1:  # a NaN loss
+            return loss * float("nan")
+        if calls[-1] == 3:  # a finite loss whose gradient is NaN (d/dx sqrt(x) at 0 is inf; times 0 is NaN)
+            weight = next(self.critic.parameters())
+            return loss + 0.0 * (weight - weight.detach()).abs().sqrt().sum()
+        return loss
+
+    monkeypatch.setattr(SimpoAgent, "critic_loss", poisoned)
+    out = tmp_path / "run"
+    _run(tiny_push, out, 200, "--log-every", "1")
+    summary = json.loads((out / "summary.json").read_text())
+    poisoned_calls = sum(1 for c in calls if c in (1, 3))
+    assert poisoned_calls > 0 and summary["skipped_updates"] == poisoned_calls
+    # every other update went through, and nothing non-finite reached the weights that ship
+    assert summary["updates"] == len(calls) - poisoned_calls + summary["actor_updates"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [m["charts/skipped_updates"] for m in metrics if "charts/skipped_updates" in m]
+    assert logged == sorted(logged) and logged[-1] == poisoned_calls
+    for name in ("model.safetensors", "critic.safetensors"):
+        assert all(torch.isfinite(v).all() for v in load_file(out / "final" / name).values()), name
+
+
+def test_a_policy_gone_non_finite_is_never_saved_and_the_last_good_checkpoint_is_kept(tiny_push, tmp_path,
+                                                                                      monkeypatch, capsys):
+    from simpo_robot.rl.simpo import SimpoAgent
+    from simpo_robot.rl.trainer import load_run
+
+    finish = SimpoAgent.finish
+
+    def blown_up(self, *args, **kwargs):  # the final burst ends with a NaN in the denoiser (as a diverged run would)
+        metrics = finish(self, *args, **kwargs)
+        with torch.no_grad():
+            next(self.actor.unet.parameters()).view(-1)[0] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(SimpoAgent, "finish", blown_up)
+    out = tmp_path / "run"
+    args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--env-steps", "200",
+            "--simpo.learning-starts", "50", "--simpo.actor-starts", "50", "--num-envs", "2",
+            "--final-eval-episodes", "1", "--eval-every", "0", "--checkpoint-every", "100", "--simpo.batch-size", "8",
+            "--simpo.actor-batch-size", "2", "--simpo.particles", "4", "--simpo.actor-burst", "2",
+            "--simpo.actor-every", "8", "--out", str(out)]
+    assert main(args) == 1
+    assert "not finite; nothing was saved" in capsys.readouterr().err
+    assert not (out / "final").exists() and not (out / "summary.json").exists()
+    # the resumable state is the last one taken before the blow-up, whole and finite
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last"]
+    saved = load_run(out)
+    assert saved.agent.final_burst_at is None
+    for module in (saved.loaded.policy, saved.agent.critic, saved.agent.pi_old):
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 def test_overlapped_updates_give_exactly_the_sequential_run(tiny_push, tmp_path, monkeypatch):
     import threading
 

@@ -612,12 +612,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
+        if not _all_finite(*agent.synced_modules()):  # (before evaluating: a NaN policy sends NaN actions)
+            raise SimpoRobotError("the fine-tuned parameters are not finite; nothing was saved. The last good "
+                                  f"resumable state is in {out / 'checkpoints' / 'last'}.")
         after = evaluate(cfg.final_eval_episodes)
         after_det = evaluate(cfg.final_eval_episodes, 0.0) if cfg.deterministic_eval else None
         curve.append((counters.env_steps, 100 * after.success_rate))
-        if not _all_finite(*agent.synced_modules()):
-            raise SimpoRobotError("the fine-tuned parameters are not finite; nothing was saved. The last good "
-                                  f"resumable state is in {out / 'checkpoints' / 'last'}.")
         logger.log(counters.env_steps, {"eval/pc_success": 100 * after.success_rate})
         deterministic = (before_det, after_det) if before_det is not None and after_det is not None else None
         summary = _write_outputs(cfg, out, spec, policy, pre, post, save_policy, before, after, curve, counters, wall,
