@@ -162,7 +162,9 @@ def stopped_run(out: Path, cmd: list[str]) -> dict | None:
     """What this benchmark recorded of a run in `out` that stopped before it finished (its wall time and peak
     RSS up to its last checkpoint), if that run was started by the same command; else None."""
     path = progress_path(out)
-    if (out / "summary.json").exists() or not (out / "checkpoints" / "last").is_dir() or not path.exists():
+    # (.previous alone: a save was killed between its renames; finetune --resume restores it)
+    resumable = any((out / "checkpoints" / name).is_dir() for name in ("last", ".previous"))
+    if (out / "summary.json").exists() or not resumable or not path.exists():
         return None
     progress = json.loads(path.read_text())
     return progress if progress["cmd"] == cmd else None

@@ -257,6 +257,26 @@ def test_final_burst_runs_one_more_actor_burst_at_the_end_and_keeps_its_critic(t
     assert config["simpo"]["final_burst"] is True and config["out"] == str(moved)
 
 
+def test_a_save_killed_between_its_two_renames_resumes_from_the_state_before_it(tiny_push, tmp_path):
+    from simpo_robot.rl.trainer import load_run
+
+    out = tmp_path / "run"
+    _run(tiny_push, out, 100, "--simpo.final-burst", "false")
+    saved = load_run(out).loaded.policy.state_dict()
+    # the kill came after `last` was moved aside and before the new state was moved in
+    checkpoints = out / "checkpoints"
+    (checkpoints / "last").rename(checkpoints / ".previous")
+    (checkpoints / ".incoming").mkdir()
+    (checkpoints / ".incoming" / "trainer_rank0.pt").write_bytes(b"half a checkpoint")
+    restored = load_run(out).loaded.policy.state_dict()
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".incoming", "last"]
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+    # and the run goes on from it, the stale .incoming cleared by its next save
+    _run(tiny_push, out, 200, "--simpo.final-burst", "false", "--resume", str(out))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last"]
+    assert json.loads((out / "summary.json").read_text())["env_steps"] >= 200
+
+
 def test_non_finite_losses_and_gradients_skip_their_update_and_are_logged(tiny_push, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

@@ -269,6 +269,13 @@ def _config_dict(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def _last_checkpoint(out: Path, what: str) -> Path:
     ckpt = out / "checkpoints" / "last"
+    previous = out / "checkpoints" / ".previous"
+    if not ckpt.exists() and (previous / "trainer_rank0.pt").is_file():
+        # A save killed between its two renames (last -> .previous, .incoming -> last): .previous is the whole
+        # state the run had before that save (.incoming is not trusted), so it becomes last again.
+        previous.rename(ckpt)
+        log.warning("%s: the last checkpoint was being replaced when the run stopped; restored the one before it",
+                    out)
     if not (ckpt / "trainer_rank0.pt").is_file() or not (out / CONFIG_FILE).is_file():
         raise SimpoRobotError(f"{what} {out}: no checkpoint there ({ckpt} or {out / CONFIG_FILE} is missing or "
                               "incomplete); pass the --out folder of a `simpo-robot finetune` run.")
