@@ -440,6 +440,18 @@ def test_resume_refuses_a_different_command_and_a_missing_checkpoint(tiny_push, 
         _run(tiny_push, tmp_path / "run", 200, "--resume", str(tmp_path / "run"))  # today's defaults: not that run
     assert "--resume" in (err := capsys.readouterr().err) and "simpo.actor_burst: saved 1, now 2" in err
     assert "critic_hidden" not in err  # only the options that differ
+    # a damaged checkpoint is named, not a traceback from the unpickler, and is left as it was
+    last = tmp_path / "run" / "checkpoints" / "last"
+    for name, damage in (("trainer_rank0.pt", b"garbage"), ("model.safetensors", None)):
+        path = last / name
+        intact = path.read_bytes()
+        path.write_bytes(damage if damage is not None else intact[: len(intact) // 2])
+        with pytest.raises(AssertionError):
+            _run(tiny_push, tmp_path / "run", 200, *old_defaults, "--resume", str(tmp_path / "run"))
+        err = capsys.readouterr().err
+        assert f"the checkpoint in {last} cannot be read" in err and "Traceback" not in err, name
+        assert path.read_bytes() == (damage if damage is not None else intact[: len(intact) // 2])
+        path.write_bytes(intact)
 
 
 def test_two_processes_keep_parameters_identical_and_double_env_steps_per_update(tiny_push, tmp_path):

@@ -282,6 +282,18 @@ def _last_checkpoint(out: Path, what: str) -> Path:
     return ckpt
 
 
+def _load_state(accelerator, ckpt: Path, rank: int, what: str) -> dict[str, Any]:
+    """Restore the prepared modules and registered state from `ckpt`; returns this rank's trainer state."""
+    try:
+        accelerator.load_state(str(ckpt))
+        return torch.load(ckpt / f"trainer_rank{rank}.pt", weights_only=False)
+    except Exception as exc:  # unpickling, safetensors and shape errors all mean the same to the user
+        raise SimpoRobotError(
+            f"{what}: the checkpoint in {ckpt} cannot be read ({type(exc).__name__}: {exc}); it is damaged or was "
+            "written by another version or command. Restore the run folder from a copy, or start the run afresh "
+            "with --overwrite true.") from exc
+
+
 def _policy_overrides(cfg: FinetuneConfig) -> dict[str, Any]:
     return {} if cfg.num_inference_steps is None else {"num_inference_steps": cfg.num_inference_steps}
 
@@ -416,8 +428,7 @@ def load_run(out: Path) -> SavedRun:
     loaded = load_policy(cfg.policy, device="cpu", overrides=_policy_overrides(cfg))
     accelerator = Accelerator(cpu=True)
     agent = build_agent(cfg, make_actor(loaded.policy), loaded.config, accelerator, torch.device("cpu"))
-    accelerator.load_state(str(ckpt))
-    agent.load_rank_state(torch.load(ckpt / "trainer_rank0.pt", weights_only=False)["agent"])
+    agent.load_rank_state(_load_state(accelerator, ckpt, 0, f"load_run {out}")["agent"])
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     return SavedRun(cfg, load_task(cfg.task), loaded, agent, summary)
 
@@ -486,8 +497,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     sim_seconds = elapsed = 0.0
     if cfg.resume is not None:
-        accelerator.load_state(str(resume_from))
-        state = torch.load(resume_from / f"trainer_rank{rank}.pt", weights_only=False)
+        state = _load_state(accelerator, resume_from, rank, f"--resume {out}")
         counters = Counters(**state["counters"])
         rollout.load_state_dict(state["rollout"])
         agent.load_rank_state(state["agent"])
