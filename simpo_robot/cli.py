@@ -29,13 +29,15 @@ class Command:
     config: str
     run: str
     help: str
+    several_processes: bool = False
+    """Runs in several processes under a launcher (so `accelerate launch --cpu --num_processes N` must start N)."""
 
 
 COMMANDS: dict[str, Command] = {
     "toy": Command("simpo_robot.toy", "ToyConfig", "run_toy", "SiMPO weightings on a 2-D multimodal reward (the first thing to run)"),
     "collect": Command("simpo_robot.collect", "CollectConfig", "run_collect", "record scripted-expert demonstrations as a LeRobot dataset"),
     "pretrain": Command("simpo_robot.pretrain", "PretrainConfig", "run_pretrain", "behaviour-clone a LeRobot DiffusionPolicy (or a flow policy) from demonstrations"),
-    "finetune": Command("simpo_robot.rl.trainer", "FinetuneConfig", "run_finetune", "fine-tune a pretrained diffusion policy online with SiMPO"),
+    "finetune": Command("simpo_robot.rl.trainer", "FinetuneConfig", "run_finetune", "fine-tune a pretrained diffusion policy online with SiMPO", several_processes=True),
     "eval": Command("simpo_robot.evaluate", "EvalConfig", "run_eval", "evaluate a policy on a task (eval_info.json, success with 95% CI)"),
     "export": Command("simpo_robot.deploy.export", "ExportConfig", "run_export", "export a policy as a self-contained bundle (LeRobot layout + ONNX)"),
     "serve": Command("simpo_robot.deploy.server", "ServeConfig", "run_serve", "serve a bundle over WebSocket + msgpack"),
@@ -119,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         # draccus wraps the config's own validation error; show that one, it says what to fix.
         console.print(f"simpo-robot {name}: invalid arguments: {_config_error(exc)}", markup=False, highlight=False, soft_wrap=True)
         return 2
+    if cmd.several_processes:
+        from simpo_robot.rl.launch import launch_processes, requested_cpu_processes
+
+        if (n := requested_cpu_processes()) is not None:
+            return launch_processes(n, argv)
     try:
         run(cfg)
     except SimpoRobotError as exc:

@@ -472,6 +472,34 @@ def test_two_processes_keep_parameters_identical_and_double_env_steps_per_update
     assert two["rank_param_divergence"] == 0.0  # DDP kept every parameter identical across ranks
     assert two["env_steps"] == one["env_steps"] == 400
     assert one["critic_updates"] == 2 * two["critic_updates"]  # twice the env steps per update
+    # the command: accelerate itself would start one process here; simpo-robot starts both, and the run
+    # is the same as under --multi_gpu (gloo either way)
+    cpu = summary(tmp_path / "cpu", [accelerate, "launch", "--cpu", "--num_processes", "2"])
+    assert cpu["num_processes"] == 2 and cpu["rank_param_divergence"] == 0.0
+    assert cpu["critic_updates"] == two["critic_updates"] and cpu["actor_updates"] == two["actor_updates"]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("two", "cpu"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_accelerate_cpu_launch_is_recognised_only_when_it_started_a_single_process_of_several(tmp_path):
+    from simpo_robot.rl.launch import requested_cpu_processes
+
+    launched = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    argv = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "simpo_robot",
+            "finetune", "--env-steps", "10"]
+    assert requested_cpu_processes(launched, argv) == 2
+    assert requested_cpu_processes(launched, [*argv[:4], "--num-processes=3", *argv[6:]]) == 3
+    assert requested_cpu_processes(launched, [*argv[:6], "--num_machines", "2", *argv[6:]]) is None  # not all here
+    assert requested_cpu_processes({**launched, "WORLD_SIZE": "2", "RANK": "0"}, argv) is None  # a launcher started them
+    assert requested_cpu_processes({**launched, "ACCELERATE_USE_CPU": "False"}, argv) is None
+    assert requested_cpu_processes(launched, ["/venv/bin/python", "-m", "simpo_robot", "finetune"]) is None
+    # the number of processes from accelerate's config file, when the command does not give it
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nmixed_precision: 'no'\n"
+                      "use_cpu: true\nnum_processes: 4\nnum_machines: 1\n")
+    assert requested_cpu_processes(launched, [*argv[:3], "--config_file", str(config), *argv[6:]]) == 4
 
 
 def _simpo_agent(tiny_push, **overrides):
