@@ -107,6 +107,10 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
     # Training time before this invocation (the run's summary accumulates it across resumptions).
     trained_before = json.loads((out / "summary.json").read_text())["wall_s"] if previous else 0.0
     wall_before, peak_before = (stopped["wall_s"], stopped["peak_rss_mb"]) if stopped else (0.0, 0.0)
+    # A stopped run resumed with another thread count: from which count, and at which checkpoint.
+    changed = stopped.get("threads_changed") if stopped else None
+    if stopped and not changed and threads_of(stopped["cmd"]) != args.torch_threads:
+        changed = {"from": threads_of(stopped["cmd"]), "at_env_steps": checkpoint_env_steps(out)}
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.parent / f"{out.name}.log"  # a file, not a pipe: a long run's log would fill a pipe and block
@@ -124,7 +128,8 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
             if (written := mtime(checkpoint)) is not None and written != seen:  # a new resumable checkpoint
                 seen = written
                 write_atomically(progress, {"cmd": cmd, "wall_s": wall_before + time.perf_counter() - start,
-                                            "peak_rss_mb": max(peak_before, peak / 2**20)})
+                                            "peak_rss_mb": max(peak_before, peak / 2**20),
+                                            **({"threads_changed": changed} if changed else {})})
             time.sleep(0.5)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd + resume)} failed (log: {log_path}):\n{log_path.read_text()[-3000:]}")
@@ -145,6 +150,7 @@ def run_one(task: str, policy_type: str, name: str, seed: int, args) -> dict:
         "finetune_args": previous["finetune_args"] if previous else args.finetune_args,
         **({"variant": args.variant} if args.variant else {}),
         "torch_threads": args.torch_threads,
+        **({"threads_changed": changed} if changed else {}),
         "machine": machine(),  # wall times and success rates are the machine's (the CPU changes float rounding)
         **{k: summary[k] for k in ("pc_success_deterministic_before", "pc_success_deterministic_after") if k in summary},
         # a run resumed only for its end (e.g. the final burst) keeps the simulator speed measured beside its training
@@ -167,7 +173,25 @@ def stopped_run(out: Path, cmd: list[str]) -> dict | None:
     if (out / "summary.json").exists() or not resumable or not path.exists():
         return None
     progress = json.loads(path.read_text())
-    return progress if progress["cmd"] == cmd else None
+    # (the thread count may change on resumption, as finetune --resume allows: the run is the same)
+    return progress if without_threads(progress["cmd"]) == without_threads(cmd) else None
+
+
+def without_threads(cmd: list[str]) -> list[str]:
+    i = cmd.index("--torch-threads")
+    return cmd[:i] + cmd[i + 2:]
+
+
+def threads_of(cmd: list[str]) -> int:
+    return int(cmd[cmd.index("--torch-threads") + 1])
+
+
+def checkpoint_env_steps(out: Path) -> int:
+    """Env steps of the run's last resumable checkpoint."""
+    import torch
+
+    state = torch.load(out / "checkpoints" / "last" / "trainer_rank0.pt", weights_only=False, mmap=True)
+    return state["counters"]["env_steps"]
 
 
 def mtime(path: Path) -> int | None:
@@ -294,9 +318,11 @@ def main() -> None:
 def wall_minutes(rs: list[dict]) -> str:
     """Mean wall time (min) of the runs that shared the cores (one torch thread each), and each run that had
     the machine to itself (--torch-threads > 1) on its own."""
-    shared = [r["wall_s"] / 60 for r in rs if r.get("torch_threads", 1) == 1]
+    shared = [r["wall_s"] / 60 for r in rs if r.get("torch_threads", 1) == 1 and "threads_changed" not in r]
     alone = [f"{r['wall_s'] / 60:.1f} ({r['torch_threads']} threads, seed {r['seed']})"
-             for r in rs if r.get("torch_threads", 1) > 1]
+             for r in rs if r.get("torch_threads", 1) > 1 and "threads_changed" not in r]
+    alone += [f"{r['wall_s'] / 60:.1f} ({c['from']} thread(s) beside another run, then {r['torch_threads']} from "
+              f"{c['at_env_steps']} env steps, seed {r['seed']})" for r in rs if (c := r.get("threads_changed"))]
     return ", ".join(([f"{np.mean(shared):.1f}"] if shared else []) + alone)
 
 
