@@ -187,10 +187,11 @@ def threads_of(cmd: list[str]) -> int:
 
 
 def checkpoint_env_steps(out: Path) -> int:
-    """Env steps of the run's last resumable checkpoint."""
+    """Env steps of the run's last resumable checkpoint (.previous, where a save was killed between its renames)."""
     import torch
 
-    state = torch.load(out / "checkpoints" / "last" / "trainer_rank0.pt", weights_only=False, mmap=True)
+    path = next(p for name in ("last", ".previous") if (p := out / "checkpoints" / name / "trainer_rank0.pt").is_file())
+    state = torch.load(path, weights_only=False, mmap=True)
     return state["counters"]["env_steps"]
 
 

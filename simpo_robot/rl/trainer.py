@@ -267,15 +267,21 @@ def _config_dict(cfg: FinetuneConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
 
+# A checkpoint save writes INCOMING, moves LAST to PREVIOUS, INCOMING to LAST, then removes PREVIOUS.
+INCOMING, LAST, PREVIOUS = ".incoming", "last", ".previous"
+
+
 def _last_checkpoint(out: Path, what: str) -> Path:
-    ckpt = out / "checkpoints" / "last"
-    previous = out / "checkpoints" / ".previous"
+    ckpt, previous = out / "checkpoints" / LAST, out / "checkpoints" / PREVIOUS
     if not ckpt.exists() and (previous / "trainer_rank0.pt").is_file():
-        # A save killed between its two renames (last -> .previous, .incoming -> last): .previous is the whole
-        # state the run had before that save (.incoming is not trusted), so it becomes last again.
-        previous.rename(ckpt)
-        log.warning("%s: the last checkpoint was being replaced when the run stopped; restored the one before it",
-                    out)
+        # A save killed between its two renames: PREVIOUS is the whole state the run had before that save
+        # (INCOMING is not trusted), so it becomes LAST again.
+        try:
+            previous.rename(ckpt)
+            log.warning("%s: the last checkpoint was being replaced when the run stopped; restored the one before it",
+                        out)
+        except FileNotFoundError:  # another process of the same run restored it first
+            pass
     if not (ckpt / "trainer_rank0.pt").is_file() or not (out / CONFIG_FILE).is_file():
         raise SimpoRobotError(f"{what} {out}: no checkpoint there ({ckpt} or {out / CONFIG_FILE} is missing or "
                               "incomplete); pass the --out folder of a `simpo-robot finetune` run.")
@@ -350,7 +356,7 @@ def _save_checkpoint(accelerator, out: Path, rank_state: dict, modules: list[tor
         log.error("parameters are not finite: checkpoint not saved (the last good one is kept)")
         return False
     root = out / "checkpoints"
-    tmp, last, old = root / ".incoming", root / "last", root / ".previous"
+    tmp, last, old = root / INCOMING, root / LAST, root / PREVIOUS
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
