@@ -16,10 +16,13 @@ Every failure the user can fix (missing folder, missing or corrupt file, offline
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,10 +127,27 @@ def load_policy_config(ref: str | Path, cache_dir: str | Path | None = None) -> 
             f"(known: {sorted(PreTrainedConfig.get_known_choices())})."
         )
     try:
-        config = PreTrainedConfig.from_pretrained(folder)
+        with _scratch_tempdir():
+            config = PreTrainedConfig.from_pretrained(folder)
     except Exception as exc:  # draccus reports bad fields with many exception types
         raise SimpoRobotError(f"{config_file} does not parse as a {raw['type']!r} config: {exc}") from exc
     return folder, config
+
+
+@contextlib.contextmanager
+def _scratch_tempdir() -> Iterator[None]:
+    """Send the temporary files made inside the block to a private folder, removed on exit.
+
+    LeRobot 0.6's `PreTrainedConfig.from_pretrained` writes the config to a `delete=False` temp file and
+    never removes it: one stray JSON in /tmp per load, which adds up in a long evaluation or server run.
+    """
+    previous = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="simpo-robot-config-") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
 
 
 def load_policy(

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -157,3 +158,14 @@ def test_overrides_change_the_sampler_steps_and_refuse_unknown_fields(saved: Pat
     assert load_policy(saved).config.num_inference_steps != 3  # the folder is untouched
     with pytest.raises(SimpoRobotError, match="cannot set"):
         load_policy(saved, overrides={"no_such_field": 1})
+
+
+def test_loading_leaves_no_temp_files(saved: Path, tmp_path: Path, monkeypatch):
+    # LeRobot's config loader writes a temp JSON it never deletes; loading must not leave it behind.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    for _ in range(3):
+        load_policy(saved)
+    assert list(scratch.iterdir()) == []
+    assert tempfile.tempdir == str(scratch)
