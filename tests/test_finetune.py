@@ -277,6 +277,42 @@ def test_a_save_killed_between_its_two_renames_resumes_from_the_state_before_it(
     assert json.loads((out / "summary.json").read_text())["env_steps"] >= 200
 
 
+def test_ctrl_c_stops_a_run_with_130_and_leaves_a_resumable_checkpoint(tiny_push, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from simpo_robot.rl.trainer import load_run
+
+    out = tmp_path / "run"
+    args = ["finetune", "--policy", str(tiny_push), "--task", "fetch_push", "--env-steps", "1000000",
+            "--simpo.learning-starts", "50", "--simpo.actor-starts", "50", "--num-envs", "2", "--eval-every", "0",
+            "--final-eval-episodes", "1",
+            "--checkpoint-every", "100", "--simpo.batch-size", "8", "--simpo.actor-batch-size", "2",
+            "--simpo.particles", "4", "--simpo.actor-burst", "2", "--simpo.actor-every", "8", "--out", str(out)]
+    # (a process started in the background by a non-interactive shell, as pytest may be, inherits SIGINT ignored:
+    # the child gets the terminal's default back, as a run started at a prompt has)
+    proc = subprocess.Popen([sys.executable, "-m", "simpo_robot", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "last").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (out / "final").exists()
+    state = torch.load(out / "checkpoints" / "last" / "trainer_rank0.pt", weights_only=False)
+    assert state["counters"]["env_steps"] >= 100
+    load_run(out)  # the state it leaves loads whole; --resume goes on from it
+
+
 def test_non_finite_losses_and_gradients_skip_their_update_and_are_logged(tiny_push, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
