@@ -538,6 +538,23 @@ def test_accelerate_cpu_launch_is_recognised_only_when_it_started_a_single_proce
     assert requested_cpu_processes(launched, [*argv[:3], "--config_file", str(config), *argv[6:]]) == 4
 
 
+
+def test_processes_started_for_accelerate_cpu_that_fail_give_exit_code_1_and_their_error(tmp_path, caplog, capfd):
+    import socket
+
+    from simpo_robot.rl.launch import launch_processes
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    missing = tmp_path / "no_such_policy"
+    with caplog.at_level("ERROR", logger="simpo_robot.rl.launch"):
+        code = launch_processes(2, ["finetune", "--policy", str(missing), "--task", "fetch_push",
+                                    "--out", str(tmp_path / "run")], {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+    assert code == 1
+    assert "ChildFailedError" in caplog.text or "Failures" in caplog.text  # torch's report of the failed processes
+    assert str(missing) in capfd.readouterr().err  # each process said what was wrong
+
 def _simpo_agent(tiny_push, **overrides):
     from simpo_robot.rl.simpo import SimpoAgent, SimpoConfig
 

@@ -10,7 +10,6 @@ torch.distributed.run (torchrun), which is what `accelerate launch --multi_gpu` 
 
 import logging
 import os
-import sys
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,6 @@ def launch_processes(n: int, argv: list[str], env: dict[str, str] | None = None)
     try:
         run(args)
     except ChildFailedError as exc:
-        print(exc, file=sys.stderr)
+        log.error("%s", exc)
         return 1
     return 0
