@@ -409,9 +409,13 @@ def report(runs: list[dict], args) -> None:
             f"{np.mean([r['env_steps_per_s'] for r in rs]):.0f} / {np.mean([r['raw_sim_steps_per_s'] for r in rs]):.0f} |")
         ax = axes[0][tasks.index(task)]
         curve = np.array(rs[0]["curve"])
-        color = colors.setdefault((label, extra, steps), f"C{len(colors) % 10}")  # one colour per method in both panels
+        # one colour per method in both panels; the headline grid's cells solid, variants and short runs dashed
+        color = colors.setdefault(label.removesuffix(" [flow]"), f"C{len(colors) % 10}")
+        headline = kind == "diffusion" and not variant and steps >= GRID_ENV_STEPS
+        style = dict(marker="o", linewidth=2) if headline else dict(linestyle="--", linewidth=1, alpha=0.5)
         ax.plot(curve[:, 0], np.mean([np.array(r["curve"])[:, 1] for r in rs if len(r["curve"]) == len(curve)], 0),
-                marker="o", color=color, label=f"{label} {extra.replace('`', '')}".strip() + f", {steps // 1000}k, {len(rs)} seed{'s' if len(rs) > 1 else ''}")
+                color=color, **style,
+                label=f"{label} {extra.replace('`', '')}".strip() + f", {steps // 1000}k, {len(rs)} seed{'s' if len(rs) > 1 else ''}")
         ax.set_title(task)
         ax.set_xlabel("env steps")
         ax.set_ylabel("success (%)")
