@@ -40,12 +40,13 @@ def method(run: dict) -> str:
     return name + (f" [{run['variant']}]" if run.get("variant") else "")
 
 
-def peak_gap_probability(p_final: float, n_mid: int, n_evals: int, n_final: int, gap: float,
-                         draws: int, rng: np.random.Generator) -> float:
-    """P(max of n_evals Binomial(n_mid, p)/n_mid - Binomial(n_final, p)/n_final >= gap), p flat (percent units)."""
-    mids = rng.binomial(n_mid, p_final, size=(draws, n_evals)).max(axis=1) / n_mid
-    final = rng.binomial(n_final, p_final, size=draws) / n_final
-    return float(np.mean(100 * (mids - final) >= gap - 1e-9))
+def flat_peak_gaps(p: float, n_mid: int, n_evals: int, n_final: int, draws: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """(draws,) peak of n_evals Binomial(n_mid, p)/n_mid minus Binomial(n_final, p)/n_final, in percent: what a
+    policy whose true success stays at p shows between its best mid-run evaluation and its final one."""
+    mids = rng.binomial(n_mid, p, size=(draws, n_evals)).max(axis=1) / n_mid
+    final = rng.binomial(n_final, p, size=draws) / n_final
+    return 100 * (mids - final)
 
 
 def binomial_se(pc: float, n: int) -> float:
@@ -68,7 +69,8 @@ def analyse(runs: list[dict], eval_episodes: int, env_steps: int, draws: int, se
             "task": r["task"], "method": method(r), "seed": r["seed"], "final_burst": "final-burst false" not in
             r.get("finetune_args", "") and r["algo"] == "simpo", "mid_evals": [p for _, p in mids], "peak": peak,
             "peak_at": peak_at, "final": final, "peak_minus_final": peak - final,
-            "p_flat": peak_gap_probability(final / 100, eval_episodes, len(mids), n_final, peak - final, draws, rng),
+            "p_flat": float(np.mean(flat_peak_gaps(final / 100, eval_episodes, len(mids), n_final, draws, rng)
+                                    >= peak - final - 1e-9)),
             "late_minus_final": late_mean - final,
             "late_minus_final_se": math.sqrt(sum(binomial_se(p, eval_episodes) ** 2 for p in late) / len(late) ** 2
                                              + binomial_se(final, n_final) ** 2),
@@ -86,9 +88,8 @@ def analyse(runs: list[dict], eval_episodes: int, env_steps: int, draws: int, se
                 "se": math.sqrt(sum(row["late_minus_final_se"] ** 2 for row in chosen)) / len(chosen),
                 "runs_p_flat_below_0.05": sum(row["p_flat"] < 0.05 for row in chosen),
             }
-    flat = rng.binomial(eval_episodes, 0.55, size=(draws, 9)).max(axis=1) / eval_episodes \
-        - rng.binomial(208, 0.55, size=draws) / 208
-    return {"rows": rows, "groups": groups, "flat_expected_peak_minus_final": float(100 * flat.mean()),
+    flat = flat_peak_gaps(0.55, eval_episodes, len(rows[0]["mid_evals"]), 208, draws, rng) if rows else np.zeros(1)
+    return {"rows": rows, "groups": groups, "flat_expected_peak_minus_final": float(flat.mean()),
             "draws": draws, "seed": seed}
 
 

@@ -538,7 +538,6 @@ def test_accelerate_cpu_launch_is_recognised_only_when_it_started_a_single_proce
     assert requested_cpu_processes(launched, [*argv[:3], "--config_file", str(config), *argv[6:]]) == 4
 
 
-
 def test_processes_started_for_accelerate_cpu_that_fail_give_exit_code_1_and_their_error(tmp_path, caplog, capfd):
     import socket
 
@@ -554,6 +553,7 @@ def test_processes_started_for_accelerate_cpu_that_fail_give_exit_code_1_and_the
     assert code == 1
     assert "ChildFailedError" in caplog.text or "Failures" in caplog.text  # torch's report of the failed processes
     assert str(missing) in capfd.readouterr().err  # each process said what was wrong
+
 
 def _simpo_agent(tiny_push, **overrides):
     from simpo_robot.rl.simpo import SimpoAgent, SimpoConfig
