@@ -88,7 +88,9 @@ def analyse(runs: list[dict], eval_episodes: int, env_steps: int, draws: int, se
                 "se": math.sqrt(sum(row["late_minus_final_se"] ** 2 for row in chosen)) / len(chosen),
                 "runs_p_flat_below_0.05": sum(row["p_flat"] < 0.05 for row in chosen),
             }
-    flat = flat_peak_gaps(0.55, eval_episodes, len(rows[0]["mid_evals"]), 208, draws, rng) if rows else np.zeros(1)
+    # the flat-policy reference draws from its own stream, so that a new run in the JSON does not move it
+    flat = (flat_peak_gaps(0.55, eval_episodes, len(rows[0]["mid_evals"]), 208, draws, np.random.default_rng([seed, 1]))
+            if rows else np.zeros(1))
     return {"rows": rows, "groups": groups, "flat_expected_peak_minus_final": float(flat.mean()),
             "draws": draws, "seed": seed}
 
