@@ -50,6 +50,9 @@ ALGOS = {
     "simpo-exp": ("simpo", "exp", 0.0),
     "dppo": ("dppo", None, None),
 }
+# N of best-of-N by the critic, as the reference recipe evaluates: --best-of's default and always the table's column,
+# whatever the last invocation's --best-of (an invocation with --best-of 0 used to empty the column).
+TABLE_BEST_OF = 10
 
 
 def raw_sim_steps_per_s(task: str, num_envs: int, steps: int = 400) -> float:
@@ -274,7 +277,7 @@ def main() -> None:
                              "(RUN-VARIANT) and their own records, beside the grid's runs of the same algorithm and seed")
     parser.add_argument("--measure-deterministic", action="store_true",
                         help="measure the deterministic success (x_T = 0) of the selected recorded runs that lack it")
-    parser.add_argument("--best-of", type=int, default=10,
+    parser.add_argument("--best-of", type=int, default=TABLE_BEST_OF,
                         help="after each SiMPO run, also evaluate it acting by its critic (best of N chunks; 0: skip)")
     parser.add_argument("--extend", action="store_true",
                         help="continue the recorded runs from their last checkpoints up to --env-steps (--resume); "
@@ -346,9 +349,6 @@ def best_of_results(n: int) -> dict[str, dict]:
 
 
 GRID_TASKS, GRID_SEEDS, GRID_ENV_STEPS = ("fetch_push", "fetch_pick_place"), (0, 1, 2), 300_000
-# The table's best-of column: N = 10, as the reference recipe evaluates, whatever the last invocation's --best-of
-# (an invocation with --best-of 0 used to empty the column).
-TABLE_BEST_OF = 10
 
 
 def grid_coverage(runs: list[dict]) -> str:
