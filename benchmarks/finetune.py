@@ -311,9 +311,12 @@ def main() -> None:
             run = {"raw_sim_steps_per_s": raw[task]} | run_one(task, kind, name, seed, args)
             runs = save_run(path, run)
             if run["algo"] == "simpo" and args.best_of > 1:
-                subprocess.run([sys.executable, str(ROOT / "benchmarks" / "best_of.py"),
-                                str(run_dir(task, kind, name, seed, args.variant)), "--n", str(args.best_of),
-                                "--episodes", str(args.final_eval_episodes)], check=True)
+                # from the repository root with the run folder relative to it, so that best_of.py's recorded
+                # command reads as one would type it on any checkout
+                subprocess.run([sys.executable, "benchmarks/best_of.py",
+                                str(run_dir(task, kind, name, seed, args.variant).relative_to(ROOT)),
+                                "--n", str(args.best_of), "--episodes", str(args.final_eval_episodes)],
+                               check=True, cwd=ROOT)
             print(f"{task} {kind} {name} seed {seed}: {run['pc_success_before']:.0f}% -> {run['pc_success_after']:.0f}% "
                   f"in {run['env_steps']} env steps, {run['wall_s']:.0f} s, {run['peak_rss_mb']:.0f} MB", flush=True)
     report(list(runs.values()), args)
@@ -351,12 +354,17 @@ def best_of_results(n: int) -> dict[str, dict]:
 GRID_TASKS, GRID_SEEDS, GRID_ENV_STEPS = ("fetch_push", "fetch_pick_place"), (0, 1, 2), 300_000
 
 
+def is_grid_run(run: dict) -> bool:
+    """A finished run of the headline grid: diffusion policy, no variant, the grid's env steps or more."""
+    return (run.get("policy_type", "diffusion") == "diffusion" and not run.get("variant")
+            and run["env_steps"] >= GRID_ENV_STEPS)
+
+
 def grid_coverage(runs: list[dict]) -> str:
     """Which cells of the headline grid (diffusion policies, every algorithm, seeds 0-2, 300k env steps, no
     variant) have a finished run, and the command that runs each missing one."""
     done = {(r["task"], r["algo"], r["weighting"], r["negative_bound"], r["seed"]): r.get("finetune_args", "")
-            for r in runs if r.get("policy_type", "diffusion") == "diffusion" and not r.get("variant")
-            and r["env_steps"] >= GRID_ENV_STEPS}
+            for r in runs if is_grid_run(r)}
 
     def flags(task: str, name: str) -> str:
         """The flags the cell's recorded seeds ran with, so that a new seed joins their row."""
@@ -371,6 +379,59 @@ def grid_coverage(runs: list[dict]) -> str:
                          for name, seeds in missing.items() if seeds)
         lines.append(f"- {task}: {have} of {len(ALGOS) * len(GRID_SEEDS)} cells" + (f"; missing: {todo}" if todo else ""))
     return "\n".join(lines)
+
+
+SAMPLERS = {"stochastic": "pc_success", "deterministic": "pc_success_deterministic"}  # sampler: result key prefix
+
+
+def grid_means(runs: list[dict]) -> dict[tuple[str, str, str], tuple[float, int]]:
+    """(mean success %, runs) of the headline grid by (task, method, sampler). Method "pretrained" is the shipped
+    checkpoint, over every grid run of the task (each evaluates it on the same episodes before fine-tuning). A cell
+    whose runs do not all have the sampler's results is left out."""
+    method = {spec: name for name, spec in ALGOS.items()}
+    cells: dict[tuple[str, str, str], list[float | None]] = {}
+    for r in filter(is_grid_run, runs):
+        if (name := method.get((r["algo"], r["weighting"], r["negative_bound"]))) is None:
+            continue
+        for sampler, prefix in SAMPLERS.items():
+            cells.setdefault((r["task"], name, sampler), []).append(r.get(prefix + "_after"))
+            if prefix + "_before" in r:
+                cells.setdefault((r["task"], "pretrained", sampler), []).append(r[prefix + "_before"])
+    return {cell: (float(np.mean(values)), len(values)) for cell, values in cells.items() if None not in values}
+
+
+def grid_comparisons(runs: list[dict]) -> str:
+    """The headline grid's rows (task x sampler) side by side, with the differences the README quotes: each
+    method's gain over the pretrained policy, SiMPO's best weighting against DPPO and each signed weighting
+    against exp (a row's cells are means over their seeds, in points)."""
+    means = grid_means(runs)
+    simpo = [n for n in ALGOS if ALGOS[n][0] == "simpo"]
+    signed = [n for n in simpo if n != "simpo-exp"]
+    rows = ["| task | sampler | pretrained | " + " | ".join(f"{n} (seeds)" for n in ALGOS)
+            + " | best SiMPO - dppo | " + " | ".join(f"{n} - simpo-exp" for n in signed) + " |",
+            "|---|---|---|" + "---|" * (len(ALGOS) + 1 + len(signed))]
+    gains: dict[str, list[float]] = {}
+    deterministic: list[str] = []
+    for task in GRID_TASKS:
+        for sampler in SAMPLERS:
+            at = {n: means[task, n, sampler][0] for n in ["pretrained", *ALGOS] if (task, n, sampler) in means}
+            if "pretrained" not in at:
+                continue
+            cells = " | ".join(f"{at[n]:.1f} ({means[task, n, sampler][1]})" if n in at else "-" for n in ALGOS)
+            best = max((n for n in simpo if n in at), key=at.get, default=None)
+            versus = f"{at[best] - at['dppo']:+.1f} ({best})" if best and "dppo" in at else "-"
+            gaps = " | ".join(f"{at[n] - at['simpo-exp']:+.1f}" if n in at and "simpo-exp" in at else "-" for n in signed)
+            rows.append(f"| {task} | {sampler} | {at['pretrained']:.1f} | {cells} | {versus} | {gaps} |")
+            for n in ALGOS:
+                if n in at:
+                    gains.setdefault(sampler, []).append(at[n] - at["pretrained"])
+        deterministic += [f"{task} {n} {means[task, n, 'deterministic'][0] - means[task, n, 'stochastic'][0]:+.1f}"
+                          for n in ALGOS if (task, n, "deterministic") in means and (task, n, "stochastic") in means]
+    lines = [f"- gain over the pretrained policy, {sampler} sampler: {min(g):+.1f} to {max(g):+.1f} points over {len(g)} cells"
+             for sampler, g in gains.items()]
+    if deterministic:
+        lines.append("- deterministic minus stochastic sampler after fine-tuning: " + ", ".join(deterministic))
+    return "\n".join(rows) + "\n\n" + "\n".join(lines)
 
 
 def report(runs: list[dict], args) -> None:
@@ -436,7 +497,10 @@ def report(runs: list[dict], args) -> None:
             + "\n".join(rows) + "\n\n![learning curves](benchmarks/results/finetune.png)\n\n"
             f"The headline grid ({GRID_ENV_STEPS} env steps, seeds {', '.join(map(str, GRID_SEEDS))}, no variant; "
             "a missing cell runs with `--tasks T --algos A --seeds S --env-steps 300000 --eval-every 30000 "
-            "--eval-episodes 100 --final-eval-episodes 208`):\n" + grid_coverage(runs) + "\n")
+            "--eval-episodes 100 --final-eval-episodes 208`):\n" + grid_coverage(runs) + "\n\n"
+            "Its rows side by side (mean success over each cell's seeds, %; differences in points):\n\n"
+            + grid_comparisons(runs) + "\n")
+    print(body, flush=True)
     write_section("finetune", body)
 
 
